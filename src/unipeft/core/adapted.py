@@ -1,0 +1,348 @@
+"""Attaching recipes to a model: the handle that adds, activates, merges, removes and detaches named adapters.
+
+Attaching wraps each targeted module in place in a :class:`~unipeft.core.site.DeltaSite` and freezes every base
+weight; detaching puts the original module objects back and restores their ``requires_grad`` flags, so the model is
+exactly what it was before (its state dict is bit-for-bit the same unless an adapter was merged and unmerged).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from unipeft.core.compose import build_composition
+from unipeft.core.delta import SiteShape
+from unipeft.core.modules import module_dims, set_submodule
+from unipeft.core.positions import Site, resolve_patterns, resolve_positions
+from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
+from unipeft.core.site import DeltaSite, Placed
+
+if TYPE_CHECKING:
+    from unipeft.core.summary import ParamSummary
+
+log = logging.getLogger(__name__)
+_HANDLE = "_unipeft_handle"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacedRecord:
+    """Where one delta of an adapter sits: the site, the spec it came from and the base weight's shape there."""
+
+    site: Site
+    spec_index: int
+    base_shape: tuple[int, ...]
+
+
+class Peft:
+    """A model with unipeft adapters attached. Create it with :func:`attach`; the model is modified in place.
+
+    Attributes:
+        model: the adapted model (the same object that was passed to :func:`attach`).
+        recipes: adapter name → recipe.
+        active: names of the adapters that run in ``forward``, in order.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if getattr(model, _HANDLE, None) is not None:
+            raise ValueError("this model already has unipeft adapters; use unipeft.handle(model) to get them")
+        self.model = model
+        self.recipes: dict[str, Recipe] = {}
+        self.records: dict[str, list[PlacedRecord]] = {}
+        self.active: list[str] = []
+        self._sites: dict[str, DeltaSite] = {}
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.__dict__[_HANDLE] = self
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    def add(self, recipe: "Recipe | str", name: str = "default", **options) -> "Peft":
+        """Place the deltas of ``recipe`` as adapter ``name`` (inactive until :meth:`set_active`).
+
+        Args:
+            recipe: a Recipe, a built-in recipe name, or a YAML/JSON file.
+            name: the adapter's name (letters, digits, ``_`` and ``-``).
+            **options: hyperparameter overrides, e.g. ``r=16`` (see :meth:`Recipe.with_options`).
+
+        Raises:
+            ValueError: for a duplicate or invalid name, an unknown position or a pattern that matches nothing.
+        """
+        recipe = load_recipe(recipe).with_options(**options)
+        if name in self.recipes:
+            raise ValueError(f"adapter '{name}' already exists; existing adapters: {', '.join(self.recipes)}")
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-'")
+        records: list[PlacedRecord] = []
+        placements: list[tuple[str, Placed]] = []
+        for index, spec in enumerate(recipe.deltas):
+            for site in self._resolve(spec):
+                placements.append((site.module, self._build(spec, site)))
+                records.append(PlacedRecord(site=site, spec_index=index, base_shape=self._base_shape(site.module)))
+        for (module, placed), record in zip(placements, records):
+            self._site(module).add(name, placed)
+            if record.site.entry is not None and placed.source == "sublayer" and module not in self._hooks:
+                entry = self.model.get_submodule(record.site.entry)
+                self._hooks[module] = entry.register_forward_pre_hook(self._sites[module].capture, with_kwargs=True)
+        for placed in (p for _, p in placements):
+            for param in placed.parameters():
+                param.requires_grad_(True)
+        if recipe.train_base:
+            for param in self.base_parameters():
+                param.requires_grad_(True)
+        self.recipes[name] = recipe
+        self.records[name] = records
+        log.info("added adapter '%s' (%s): %d deltas", name, recipe.name, len(placements))
+        return self
+
+    def _resolve(self, spec: DeltaSpec) -> list[Site]:
+        sites: list[Site] = []
+        if spec.positions:
+            sites += resolve_positions(self.model, spec.positions, layers=spec.layers, stacks=spec.stacks)
+        if spec.modules:
+            sites += resolve_patterns(self.model, spec.modules)
+        if not sites:
+            raise ValueError(f"delta '{spec.form.type}' at {list(spec.positions) or spec.modules} "
+                             "resolved to no module of this model")
+        return sites
+
+    def _base_shape(self, module: str) -> tuple[int, ...]:
+        base = self._original(module)
+        weight = getattr(base, "weight", None)
+        return tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+
+    def _original(self, module: str) -> nn.Module:
+        return self._sites[module].base if module in self._sites else self.model.get_submodule(module)
+
+    def _site(self, module: str) -> DeltaSite:
+        if module not in self._sites:
+            site = DeltaSite(self.model.get_submodule(module))
+            set_submodule(self.model, module, site)
+            self._sites[module] = site
+        return self._sites[module]
+
+    def _build(self, spec: DeltaSpec, site: Site) -> Placed:
+        base = self._original(site.module)
+        d_in, d_out = module_dims(base)
+        insertion = spec.resolved_insertion
+        source = "sublayer" if site.entry is not None and insertion == "parallel" else "module"
+        if site.out_slice is not None:
+            d_out = site.out_slice[1] - site.out_slice[0]
+        if insertion == "sequential" or source == "sublayer":
+            d_in = d_out  # reads the (sub-layer's) hidden state, of the model width
+        if insertion == "multiplicative_input":
+            if d_in is None:
+                raise ValueError(f"insertion 'multiplicative_input' needs a module with input features at {site.module}")
+            d_out = d_in
+        weight = next(iter(base.parameters()), None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        with torch.device(device):
+            form = spec.form.build(SiteShape(d_in=d_in, d_out=d_out, base=base))
+            compose = build_composition(spec.composition, scale=spec.scale, learn_scale=spec.learn_scale, d_in=d_in)
+        placed = Placed(form, compose, insertion=insertion, source=source, out_slice=site.out_slice)
+        if weight is not None and weight.is_floating_point() and weight.dtype != torch.float32:
+            placed.to(weight.dtype)
+        return placed
+
+    def set_active(self, *names: str) -> None:
+        """Run exactly these adapters, in this order (none: run the bare base model).
+
+        Raises:
+            ValueError: for an unknown adapter name (the message lists the existing ones).
+        """
+        for n in names:
+            if n not in self.recipes:
+                raise ValueError(f"unknown adapter '{n}'; existing adapters: {', '.join(self.recipes) or '(none)'}")
+        self.active = list(names)
+        for site in self._sites.values():
+            site.set_active(self.active)
+        for adapter in self.recipes:  # only active adapters train (as HF peft's set_adapter)
+            for _, placed in self._placed(adapter):
+                for param in placed.parameters():
+                    param.requires_grad_(adapter in self.active)
+
+    def remove(self, name: str) -> None:
+        """Delete adapter ``name`` and its weights (unmerge it first if it is merged)."""
+        self._check(name)
+        self.unmerge(name)
+        for module in {r.site.module for r in self.records[name]}:
+            self._sites[module].remove(name)
+        del self.recipes[name], self.records[name]
+        self.set_active(*[a for a in self.active if a != name])
+        self._drop_empty_sites()
+
+    def _drop_empty_sites(self) -> None:
+        for module in [m for m, s in self._sites.items() if len(s.adapters) == 0]:
+            set_submodule(self.model, module, self._sites.pop(module).base)
+            hook = self._hooks.pop(module, None)
+            if hook is not None:
+                hook.remove()
+
+    def _check(self, name: str) -> None:
+        if name not in self.recipes:
+            raise ValueError(f"unknown adapter '{name}'; existing adapters: {', '.join(self.recipes) or '(none)'}")
+
+    # ------------------------------------------------------------------------------------------------ merging
+    def merge(self, *names: str) -> None:
+        """Fold adapters (default: the active ones) into the base weights, for zero-overhead inference.
+
+        Raises:
+            NotImplementedError: if a delta of the adapter is not linear in the weight (nothing is changed then).
+        """
+        names = names or tuple(self.active)
+        for name in names:
+            self._check(name)
+            problems = sorted({f"{type(p.form).__name__} ({p.insertion}) at {m}" for m, p in self._placed(name)
+                               if p.insertion != "replace" and (not p.mergeable or p.merge_problem(site_base(self, m)))})
+            if problems:
+                raise NotImplementedError(f"adapter '{name}' cannot be merged: {'; '.join(problems[:5])}"
+                                          f"{' ...' if len(problems) > 5 else ''} — these deltas are not linear in the "
+                                          "base weight; keep them unmerged")
+        for name in names:
+            for module in dict.fromkeys(r.site.module for r in self.records[name]):
+                self._sites[module].merge(name)
+
+    def unmerge(self, *names: str) -> None:
+        """Undo :meth:`merge` for these adapters (default: all merged ones)."""
+        merged = [n for n in self.recipes if any(n in s.merged for s in self._sites.values())]
+        for name in reversed(names or merged):
+            self._check(name)
+            for module in dict.fromkeys(r.site.module for r in self.records[name]):
+                self._sites[module].unmerge(name)
+
+    @property
+    def merged(self) -> list[str]:
+        """Names of the adapters currently folded into the base."""
+        return [n for n in self.recipes if any(n in s.merged for s in self._sites.values())]
+
+    def _placed(self, name: str) -> Iterator[tuple[str, Placed]]:
+        for module in dict.fromkeys(r.site.module for r in self.records[name]):
+            for placed in self._sites[module].adapters[name]:
+                yield module, placed
+
+    # ----------------------------------------------------------------------------------------------- queries
+    def delta_modules(self, name: str | None = None) -> Iterator[tuple[str, Placed]]:
+        """(site module name, placed delta) for one adapter, or all."""
+        for adapter in [name] if name else list(self.recipes):
+            self._check(adapter)
+            yield from self._placed(adapter)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, keyed ``<site module>::<index>.<parameter>``, plus the base if it trains."""
+        self._check(name)
+        state: dict[str, torch.Tensor] = {}
+        counters: dict[str, int] = {}
+        for module, placed in self._placed(name):
+            index = counters.get(module, 0)
+            counters[module] = index + 1
+            for key, tensor in placed.state_dict().items():
+                state[f"{module}::{index}.{key}"] = tensor
+        if self.recipes[name].train_base:
+            for key, tensor in self.base_state_dict().items():
+                state[f"base::{key}"] = tensor
+        return state
+
+    def base_parameters(self) -> Iterator[nn.Parameter]:
+        """The base model's own parameters (no delta parameters)."""
+        delta_ids = {id(p) for site in self._sites.values() for p in site.adapters.parameters()}
+        for p in self.model.parameters():
+            if id(p) not in delta_ids:
+                yield p
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's state dict under its original key names."""
+        out = {}
+        for key, tensor in self.model.state_dict().items():
+            if ".adapters." in key:
+                continue
+            out[key.replace(".base.", ".")] = tensor
+        return out
+
+    def summary(self) -> "ParamSummary":
+        """Parameter counts: total, trainable, % and the split per position, form and adapter."""
+        from unipeft.core.summary import summarize
+
+        return summarize(self)
+
+    def save(self, path: str, name: str | None = None) -> "Path":
+        """Save adapter ``name`` (default: the active one) to folder ``path`` (see :func:`unipeft.save_adapter`)."""
+        from unipeft.core.io import save_adapter
+
+        return save_adapter(self, path, name)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require grad (the active adapters' deltas, and the base for full fine-tuning)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------------------------------------- detach
+    def detach(self, *, keep_merged: bool = False) -> nn.Module:
+        """Remove every adapter and restore the original modules and ``requires_grad`` flags.
+
+        Args:
+            keep_merged: keep the weights of merged adapters in the base (to export a merged model);
+                otherwise merged adapters are unmerged first.
+
+        Returns:
+            The model, with no unipeft modules left in it.
+        """
+        if not keep_merged:
+            self.unmerge()
+        for module, site in list(self._sites.items()):
+            set_submodule(self.model, module, site.base)
+        for hook in self._hooks.values():
+            hook.remove()
+        self._sites.clear()
+        self._hooks.clear()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        self.model.__dict__.pop(_HANDLE, None)
+        self.recipes.clear()
+        self.records.clear()
+        self.active = []
+        return self.model
+
+
+def site_base(peft: Peft, module: str) -> nn.Module:
+    """The original module wrapped at ``module``."""
+    return peft._sites[module].base
+
+
+def handle(model: nn.Module) -> Peft:
+    """The :class:`Peft` handle of a model with adapters attached.
+
+    Raises:
+        ValueError: if the model has no unipeft adapters.
+    """
+    found = getattr(model, _HANDLE, None)
+    if found is None:
+        raise ValueError("this model has no unipeft adapters; call unipeft.attach(model, recipe) first")
+    return found
+
+
+def attach(model: nn.Module, recipe: "Recipe | str" = "lora", name: str = "default", **options) -> Peft:
+    """Attach a recipe to ``model`` in place, freeze the base, and make it the active adapter.
+
+    Two lines to adapt a model::
+
+        peft = unipeft.attach(model, "lora", r=16)
+        peft.summary()
+
+    Args:
+        model: any ``nn.Module`` (transformers models get canonical positions; others use module patterns).
+        recipe: a Recipe, a built-in recipe name (see ``unipeft methods``) or a YAML/JSON file.
+        name: the adapter's name.
+        **options: hyperparameter overrides for the recipe's deltas.
+
+    Returns:
+        The model's :class:`Peft` handle (created on the first call).
+    """
+    peft = getattr(model, _HANDLE, None) or Peft(model)
+    peft.add(recipe, name, **options)
+    peft.set_active(name)
+    return peft

@@ -1,0 +1,126 @@
+"""Deltas: the functional forms of He et al. (2022), each a small module computing Δ for one site.
+
+A *form* is the function f in Δh = f(z): ``ReLU(z W_down) W_up`` (bottleneck adapter), ``z W_down W_up`` (LoRA),
+a scaling vector ((IA)³), a bias (BitFit), ... Where and how Δ enters the model (insertion: parallel, sequential,
+multiplicative; composition: add, scaled, gated) is decided by :class:`unipeft.core.site.Placed`, not by the form.
+
+Adding a method means writing one form and its config in ``unipeft/methods/`` and registering it with
+:func:`register_form`; nothing in the core changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteShape:
+    """What a form needs to know about its site to build its parameters.
+
+    Attributes:
+        d_in: features of the tensor the form reads (x for parallel, h for sequential); None for embeddings.
+        d_out: features of the tensor it modifies.
+        base: the wrapped base module (read-only use: shapes, dtype, an SVD-based init).
+    """
+
+    d_in: int | None
+    d_out: int
+    base: nn.Module
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormConfig:
+    """Base class of a form's hyperparameters. Subclasses are frozen keyword-only dataclasses."""
+
+    type: ClassVar[str] = ""
+    #: Insertion forms this delta supports; the first is its default.
+    insertions: ClassVar[tuple[str, ...]] = ("parallel",)
+
+    def build(self, shape: SiteShape) -> "Form":
+        """Create the form's module for one site."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (for YAML/JSON), with the form's ``type`` first."""
+        out: dict[str, Any] = {"type": self.type}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+class Form(nn.Module):
+    """A functional form: ``forward(z)`` returns Δ (or, for multiplicative forms, the scale vector)."""
+
+    def merge_(self, weight: torch.Tensor, bias: torch.Tensor | None, *, insertion: str, scale: float,
+               sign: int) -> None:
+        """Fold (sign=+1) or take out (sign=-1) ``scale * ΔW`` of an (out, in) weight view and bias, in place.
+
+        Raises:
+            NotImplementedError: if the form is not linear in the weight.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def merge_problem(self, base: nn.Module) -> str | None:
+        """Why this form cannot be folded into this particular ``base`` module (None if it can)."""
+        return None
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether :meth:`merge_` is implemented."""
+        return type(self).merge_ is not Form.merge_
+
+
+_FORMS: dict[str, type[FormConfig]] = {}
+C = TypeVar("C", bound=type[FormConfig])
+
+
+def register_form(name: str) -> Callable[[C], C]:
+    """Class decorator registering a :class:`FormConfig` subclass under ``name``."""
+
+    def decorate(cls: C) -> C:
+        if name in _FORMS and _FORMS[name] is not cls:
+            raise ValueError(f"form '{name}' is already registered by {_FORMS[name].__name__}")
+        cls.type = name
+        _FORMS[name] = cls
+        return cls
+
+    return decorate
+
+
+def form_names() -> list[str]:
+    """Names of all registered forms."""
+    _load_methods()
+    return sorted(_FORMS)
+
+
+def form_config(data: Mapping[str, Any] | FormConfig) -> FormConfig:
+    """Build a form config from ``{"type": name, **hyperparameters}``.
+
+    Raises:
+        ValueError: for an unknown type or an unknown hyperparameter (the message lists the valid ones).
+    """
+    if isinstance(data, FormConfig):
+        return data
+    _load_methods()
+    data = dict(data)
+    name = data.pop("type", None)
+    if name not in _FORMS:
+        raise ValueError(f"unknown delta form {name!r}; valid forms: {', '.join(sorted(_FORMS))}")
+    cls = _FORMS[name]
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for form '{name}'; valid: {', '.join(sorted(valid))}")
+    for f in fields(cls):
+        if f.name in data and isinstance(data[f.name], list):
+            data[f.name] = tuple(data[f.name])
+    return cls(**data)
+
+
+def _load_methods() -> None:
+    import unipeft.methods  # noqa: F401  (importing the package registers every form)

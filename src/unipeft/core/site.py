@@ -1,0 +1,247 @@
+"""Sites: a frozen base module wrapped together with the deltas placed on it.
+
+The insertion forms of He et al. (2022) are the small functions below; with f the base module, x its input, h = f(x)
+its output, Δ(·) a form and g a composition:
+
+* ``parallel``:              h' = g(h, Δ(x))       — x is the module's input, or the sub-layer's input for ``attn``/``ffn``
+* ``sequential``:            h' = g(h, Δ(h))
+* ``multiplicative``:        h' = h ⊙ l            ((IA)³ on keys, values)
+* ``multiplicative_input``:  h' = f(x ⊙ l)         ((IA)³ on the FFN's inner activations)
+* ``replace``:               h' = f'(x)            (a trainable copy of the module, HF peft's ``modules_to_save``)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from unipeft.core.delta import Form
+from unipeft.core.modules import weight_out_in
+
+Insertion = Literal["parallel", "sequential", "multiplicative", "multiplicative_input", "replace"]
+INSERTIONS: tuple[str, ...] = ("parallel", "sequential", "multiplicative", "multiplicative_input", "replace")
+
+
+class Placed(nn.Module):
+    """One form placed at one site with an insertion form, a composition and an optional output slice."""
+
+    def __init__(self, form: Form, compose: nn.Module, *, insertion: Insertion, source: Literal["module", "sublayer"],
+                 out_slice: tuple[int, int] | None) -> None:
+        super().__init__()
+        if insertion not in INSERTIONS:
+            raise ValueError(f"unknown insertion {insertion!r}; valid: {', '.join(INSERTIONS)}")
+        self.form = form
+        self.compose = compose
+        self.insertion = insertion
+        self.source = source
+        self.out_slice = out_slice
+        self.apply_delta: Callable[[Placed, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = \
+            _INSERT[insertion]
+
+    def extra_repr(self) -> str:
+        where = f", out_slice={self.out_slice}" if self.out_slice else ""
+        return f"insertion={self.insertion}, source={self.source}{where}"
+
+    def _join(self, h: torch.Tensor, delta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.out_slice is None:
+            return self.compose(h, delta, z)
+        start, stop = self.out_slice
+        joined = self.compose(h[..., start:stop], delta, z)
+        return torch.cat([h[..., :start], joined, h[..., stop:]], dim=-1)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether this placement folds into the base weight exactly (linear in the weight, no gate)."""
+        if self.insertion in ("multiplicative", "multiplicative_input"):
+            return self.form.mergeable
+        if self.insertion != "parallel" or self.source != "module":
+            return False
+        return self.form.mergeable and type(self.compose).__name__ in ("Add", "Scaled") and \
+            not any(p.requires_grad for p in self.compose.parameters())
+
+    def merge_(self, base: nn.Module, sign: int) -> None:
+        """Fold (sign=+1) or unfold (sign=-1) this delta into ``base``'s weight, in place.
+
+        Raises:
+            NotImplementedError: if the placement is not mergeable (see :attr:`mergeable`).
+        """
+        if not self.mergeable:
+            raise NotImplementedError(
+                f"{type(self.form).__name__} with insertion '{self.insertion}' and composition "
+                f"'{type(self.compose).__name__.lower()}' is not linear in the base weight and cannot be merged")
+        weight = weight_out_in(base)
+        bias = getattr(base, "bias", None)
+        bias = bias.data if isinstance(bias, torch.Tensor) else None
+        if self.out_slice is not None:
+            start, stop = self.out_slice
+            weight = weight[start:stop]
+            bias = bias[start:stop] if bias is not None else None
+        scale = float(getattr(self.compose, "scale", 1.0))
+        with torch.no_grad():
+            self.form.merge_(weight, bias, insertion=self.insertion, scale=scale, sign=sign)
+
+
+    def merge_problem(self, base: nn.Module) -> str | None:
+        """Why this delta cannot be folded into ``base`` (None if it can)."""
+        return self.form.merge_problem(base)
+
+
+def _parallel(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
+    z = captured if p.source == "sublayer" else x
+    if z is None:
+        raise RuntimeError("a parallel sub-layer delta ran before its sub-layer's input was seen")
+    return p._join(h, p.form(z), z)
+
+
+def _sequential(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
+    z = h if p.out_slice is None else h[..., p.out_slice[0]:p.out_slice[1]]
+    return p._join(h, p.form(z), z)
+
+
+def _multiplicative(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
+    scale = p.form()  # (d_out,)
+    if p.out_slice is None:
+        return h * scale
+    start, stop = p.out_slice
+    return torch.cat([h[..., :start], h[..., start:stop] * scale, h[..., stop:]], dim=-1)
+
+
+def _identity(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
+    return h  # multiplicative_input and replace act before/instead of the base module
+
+
+_INSERT = {"parallel": _parallel, "sequential": _sequential, "multiplicative": _multiplicative,
+           "multiplicative_input": _identity, "replace": _identity}
+
+
+class DeltaSite(nn.Module):
+    """A base module and the deltas of every named adapter placed on it.
+
+    ``adapters[name]`` is a ``ModuleList`` of :class:`Placed`. Only active, unmerged adapters run; the lists used in
+    ``forward`` are precomputed by :meth:`set_active` so the hot path is a plain loop.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.captured: torch.Tensor | None = None
+        self.merged: list[str] = []
+        self._active: list[str] = []
+        self._pre: list[Placed] = []
+        self._post: list[Placed] = []
+        self._replace: Placed | None = None
+
+    # Some model code reads a projection's weight directly (T5 checks ``wo.weight.dtype``); expose the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base module's bias."""
+        return self.base.bias
+
+    def add(self, adapter: str, placed: Placed) -> None:
+        """Place a delta of ``adapter`` here (inactive until :meth:`set_active`)."""
+        if adapter not in self.adapters:
+            self.adapters[adapter] = nn.ModuleList()
+        self.adapters[adapter].append(placed)
+
+    def remove(self, adapter: str) -> None:
+        """Remove every delta of ``adapter`` (it must not be merged)."""
+        if adapter in self.merged:
+            raise RuntimeError(f"adapter '{adapter}' is merged into the base; unmerge it before removing it")
+        del self.adapters[adapter]
+        self.set_active([a for a in self._active if a != adapter])
+
+    def set_active(self, names: list[str]) -> None:
+        """Run the deltas of these adapters (in this order) in ``forward``."""
+        self._active = [n for n in names if n in self.adapters]
+        running = [p for n in self._active if n not in self.merged for p in self.adapters[n]]
+        self._pre = [p for p in running if p.insertion == "multiplicative_input"]
+        replaced = [p for p in running if p.insertion == "replace"]
+        if len(replaced) > 1:
+            raise ValueError("two active adapters replace the same module; activate only one of them")
+        self._replace = replaced[0] if replaced else None
+        self._post = [p for p in running if p.insertion not in ("multiplicative_input", "replace")]
+
+    def merge(self, adapter: str) -> None:
+        """Fold ``adapter`` into the base weight; it then costs nothing at run time."""
+        if adapter in self.merged:
+            return
+        placed = list(self.adapters[adapter])
+        for p in placed:
+            if not p.mergeable and p.insertion != "replace":
+                p.merge_(self.base, +1)  # raises the explanatory NotImplementedError
+        for p in placed:
+            if p.insertion == "replace":
+                p.form.swap_(self.base)
+            else:
+                p.merge_(self.base, +1)
+        self.merged.append(adapter)
+        self.set_active(self._active)
+
+    def unmerge(self, adapter: str) -> None:
+        """Undo :meth:`merge` (exact up to float rounding)."""
+        if adapter not in self.merged:
+            return
+        for p in reversed(list(self.adapters[adapter])):
+            if p.insertion == "replace":
+                p.form.swap_(self.base)
+            else:
+                p.merge_(self.base, -1)
+        self.merged.remove(adapter)
+        self.set_active(self._active)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on a sub-layer's entry module: remember the sub-layer input for parallel deltas."""
+        self.captured = args[0] if args else kwargs["hidden_states"]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):  # noqa: D401 - same signature as the base module
+        if self._replace is not None:
+            h = self._replace.form(x, *args, **kwargs)
+        elif self._pre:
+            x_in = x
+            for p in self._pre:
+                x_in = x_in * p.form()
+            h = self.base(x_in, *args, **kwargs)
+        else:
+            h = self.base(x, *args, **kwargs)
+        if not self._post:
+            return h
+        captured, self.captured = self.captured, None
+        if isinstance(h, tuple):  # a raw pattern may wrap a module that returns (hidden, ...)
+            first = h[0]
+            for p in self._post:
+                first = p.apply_delta(p, x, first, captured)
+            return (first, *h[1:])
+        for p in self._post:
+            h = p.apply_delta(p, x, h, captured)
+        return h
+
+
+def base_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as if no adapter were attached: wrapped modules under their original names, no deltas.
+
+    Position tables and module patterns resolve against this view, so adding a second adapter finds the same sites.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        while isinstance(module, DeltaSite):
+            module = module.base
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        out.append((prefix, module))
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}.{name}" if prefix else name)
+
+    walk(model, "")
+    return out

@@ -1,0 +1,68 @@
+"""Honest parameter counts: total, trainable, and the split per position and per delta form.
+
+Counts follow HF peft's ``print_trainable_parameters``: ``total`` is every parameter of the adapted model (base plus
+adapters, each shared tensor once); ``trainable`` those with ``requires_grad``; ``percent`` = 100·trainable/total.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from unipeft.core.adapted import Peft
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamSummary:
+    """Parameter counts of an adapted model.
+
+    Attributes:
+        total: parameters of the whole adapted model.
+        base: parameters of the base model alone.
+        trainable: parameters that require grad.
+        per_position: trainable delta parameters per canonical position (``attn.q``, ``ffn``, ...).
+        per_form: trainable delta parameters per form (``lora``, ``bottleneck``, ...).
+        per_adapter: delta parameters per adapter (trainable or not).
+    """
+
+    total: int
+    base: int
+    trainable: int
+    per_position: dict[str, int] = field(default_factory=dict)
+    per_form: dict[str, int] = field(default_factory=dict)
+    per_adapter: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        """100 · trainable / total."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                 f"trainable%: {self.percent:.4f}  (base: {self.base:,})"]
+        for title, table in (("per position", self.per_position), ("per form", self.per_form),
+                             ("per adapter", self.per_adapter)):
+            if table:
+                lines.append(f"  {title}: " + ", ".join(f"{k}={v:,}" for k, v in table.items()))
+        return "\n".join(lines)
+
+
+def summarize(peft: Peft) -> ParamSummary:
+    """Count the parameters of ``peft.model``."""
+    unique = {id(p): p for p in peft.model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    base = sum(p.numel() for p in {id(p): p for p in peft.base_parameters()}.values())
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    per_position: Counter[str] = Counter()
+    per_form: Counter[str] = Counter()
+    per_adapter: Counter[str] = Counter()
+    for name in peft.recipes:
+        positions = [r.site.position for r in peft.records[name]]
+        for (module, placed), position in zip(peft.delta_modules(name), positions):
+            n_all = sum(p.numel() for p in placed.parameters())
+            n_train = sum(p.numel() for p in placed.parameters() if p.requires_grad)
+            per_adapter[name] += n_all
+            per_position[position] += n_train
+            per_form[type(placed.form).__name__] += n_train
+    return ParamSummary(total=total, base=base, trainable=trainable, per_position=dict(per_position),
+                        per_form=dict(per_form), per_adapter=dict(per_adapter))

@@ -1,0 +1,88 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv 2106.09685); rsLoRA scaling (Kalajdzievski 2023, arXiv 2312.03732).
+
+    h = W x + (α / r) · B A x,      A ∈ R^{r×d_in},  B ∈ R^{d_out×r},  B = 0 at init
+
+With ``rslora`` the scaling is α / √r. On an embedding the low-rank update is looked up per token: Δh = (α/r)·B A[:, ids].
+Linear in the weight, so it merges: W ← W + (α/r)·B A.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+
+
+@register_form("lora")
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(FormConfig):
+    """Hyperparameters of LoRA.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scaling numerator (scaling = alpha / r, or alpha / sqrt(r) with rslora).
+        dropout: dropout on the input of the low-rank path.
+        rslora: rank-stabilised scaling alpha / sqrt(r).
+        init: ``kaiming`` (A ~ Kaiming-uniform(a=√5), HF peft's default) or ``gaussian`` (A ~ N(0, 1/r)); B = 0.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"unknown LoRA init {self.init!r}; valid: kaiming, gaussian")
+
+    @property
+    def scaling(self) -> float:
+        """α/r, or α/√r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def build(self, shape: SiteShape) -> "LoRA":
+        return LoRA(self, shape)
+
+
+class LoRA(Form):
+    """Δ(x) = (α/r) · B A x (see the module docstring)."""
+
+    def __init__(self, config: LoRAConfig, shape: SiteShape) -> None:
+        super().__init__()
+        self.scaling = config.scaling
+        self.embedding = shape.d_in is None
+        d_in = shape.base.num_embeddings if self.embedding else shape.d_in
+        self.lora_A = nn.Parameter(torch.empty(config.r, d_in))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(shape.d_out, config.r))  # (d_out, r)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if self.embedding:  # as HF peft: A = 0, B ~ N(0, 1), so Δ = 0 at init
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        elif config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:  # x: token ids (B, T)
+            return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (B, T, d_out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (α/r)·B A, shape (d_out, d_in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def merge_(self, weight: torch.Tensor, bias: torch.Tensor | None, *, insertion: str, scale: float,
+               sign: int) -> None:
+        weight.add_((self.delta_weight() * (sign * scale)).to(weight.dtype))
