@@ -87,6 +87,7 @@ class Peft:
                 records.append(PlacedRecord(site=site, spec_index=index, base_shape=self._base_shape(site.module)))
         for (module, placed), record in zip(placements, records):
             self._site(module).add(name, placed)
+            placed.form.on_attach(self._sites[module].base)
             if record.site.entry is not None and placed.source == "sublayer" and module not in self._hooks:
                 entry = self.model.get_submodule(record.site.entry)
                 self._hooks[module] = entry.register_forward_pre_hook(self._sites[module].capture, with_kwargs=True)
@@ -171,6 +172,8 @@ class Peft:
         """Delete adapter ``name`` and its weights (unmerge it first if it is merged)."""
         self._check(name)
         self.unmerge(name)
+        for module, placed in list(self._placed(name)):
+            placed.form.on_detach(self._sites[module].base)
         for module in {r.site.module for r in self.records[name]}:
             self._sites[module].remove(name)
         del self.recipes[name], self.records[name]
@@ -276,6 +279,13 @@ class Peft:
 
         return save_adapter(self, path, name)
 
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Tell the active adapters' forms that optimizer step ``step`` of ``total_steps`` is done
+        (a no-op for most forms; AdaLoRA reallocates its rank budget here). Training loops call this."""
+        for name in self.active:
+            for _, placed in self._placed(name):
+                placed.form.on_step(step, total_steps)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that require grad (the active adapters' deltas, and the base for full fine-tuning)."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -293,6 +303,9 @@ class Peft:
         """
         if not keep_merged:
             self.unmerge()
+        for adapter in self.recipes:
+            for module, placed in self._placed(adapter):
+                placed.form.on_detach(self._sites[module].base)
         for module, site in list(self._sites.items()):
             set_submodule(self.model, module, site.base)
         for hook in self._hooks.values():

@@ -65,6 +65,16 @@ class Form(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
 
+    def on_attach(self, base: nn.Module) -> None:
+        """Called once after the form is placed on ``base``. Forms that re-initialise the base (PiSSA, OLoRA)
+        change it here and must undo it in :meth:`on_detach`."""
+
+    def on_detach(self, base: nn.Module) -> None:
+        """Called when the form is removed from ``base`` (adapter removed or model detached)."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called by training loops after each optimizer step (AdaLoRA's rank reallocation uses it)."""
+
     def merge_problem(self, base: nn.Module) -> str | None:
         """Why this form cannot be folded into this particular ``base`` module (None if it can)."""
         return None
