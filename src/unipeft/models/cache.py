@@ -88,7 +88,7 @@ def _remove_stale_tmp(parent: Path, name: str) -> None:
             pass
 
 
-def build_cached(folder: Path, source: Path, write: Callable[[Path], None]) -> Path:
+def build_cached(folder: Path, source: Path, write: Callable[[Path], object]) -> Path:
     """Return the cache entry ``folder`` for ``source``, building it with ``write`` if needed.
 
     ``write(tmp)`` must fill the empty folder ``tmp`` with the converted model. The manifest is
@@ -112,6 +112,7 @@ def build_cached(folder: Path, source: Path, write: Callable[[Path], None]) -> P
         write(tmp)
         manifest = {**_fingerprint(source), "transformers": transformers.__version__, "files": _file_sizes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; an entry is readable like any cache folder
         _install(tmp, folder, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed into place

@@ -14,7 +14,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .cache import build_cached, cache_root
 from .registry import MODEL_NAMES, ModelSource
@@ -39,17 +45,23 @@ def clear_quantizer_marker(model: PreTrainedModel) -> None:
     model.is_quantized = False
 
 
-def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+def convert_gguf(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Write the GGUF file ``gguf_path`` as a float32 safetensors HF folder into ``out_dir``.
 
     The folder holds the causal-LM checkpoint (config, generation config, ``model.safetensors``)
     and the tokenizer, and loads without ``gguf_file=``.
+
+    Returns:
+        The model and tokenizer as read from the GGUF file (the model dequantized to float32).
 
     Raises:
         ValueError: if transformers cannot read the file's architecture, or a weight stays packed.
     """
     gguf_path = Path(gguf_path)
     folder, file = str(gguf_path.parent), gguf_path.name
+    logger.info("converting %s to float32 safetensors in %s (parsing GGUF takes a while)", gguf_path, out_dir)
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         gguf_file=file,
@@ -64,6 +76,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     model.save_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
     tokenizer.save_pretrained(out_dir)
+    return model, tokenizer
 
 
 def cache_name(source: ModelSource) -> str:

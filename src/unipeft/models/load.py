@@ -48,7 +48,9 @@ def _head_kwargs(kind: str, num_labels: int | None) -> dict[str, object]:
         if num_labels is None:
             return {}  # keep the checkpoint's own head size (2 for a bare encoder)
         if num_labels < 2:
-            raise ValueError(f"kind='classification' needs num_labels >= 2, got {num_labels}; use kind='regression'")
+            raise ValueError(
+                f"kind='classification' needs num_labels >= 2, got {num_labels}; use kind='regression'"
+            )
         return {"num_labels": num_labels, "problem_type": "single_label_classification"}
     if num_labels is not None:
         raise ValueError(f"num_labels is only for classification/regression, not kind={kind!r}")
