@@ -21,6 +21,7 @@ from unipeft.core.delta import SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
+from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
 from unipeft.core.site import DeltaSite, Placed
 
 if TYPE_CHECKING:
@@ -85,15 +86,19 @@ class Peft:
             for site in self._resolve(spec):
                 placements.append((site.module, self._build(spec, site)))
                 records.append(PlacedRecord(site=site, spec_index=index, base_shape=self._base_shape(site.module)))
+        for index, spec in enumerate(recipe.deltas):  # forms that share parameters across sites tie them
+            spec.form.share([p.form for (_, p), r in zip(placements, records) if r.spec_index == index])
         for (module, placed), record in zip(placements, records):
             self._site(module).add(name, placed)
             placed.form.on_attach(self._sites[module].base)
+            if isinstance(placed.form, SequenceForm):  # prefix/prompt: connect to the attention or the model's inputs
+                placed.form.bind(self.model, record.site, self._sites[module], placed)
             if record.site.entry is not None and placed.source == "sublayer" and module not in self._hooks:
                 entry = self.model.get_submodule(record.site.entry)
                 self._hooks[module] = entry.register_forward_pre_hook(self._sites[module].capture, with_kwargs=True)
-        for placed in (p for _, p in placements):
+        for placed in (p for _, p in placements):  # inactive until set_active, so not trainable yet
             for param in placed.parameters():
-                param.requires_grad_(True)
+                param.requires_grad_(False)
         if recipe.train_base:
             for param in self.base_parameters():
                 param.requires_grad_(True)
@@ -130,8 +135,13 @@ class Peft:
 
     def _build(self, spec: DeltaSpec, site: Site) -> Placed:
         base = self._original(site.module)
-        d_in, d_out = module_dims(base)
         insertion = spec.resolved_insertion
+        try:
+            d_in, d_out = module_dims(base)
+        except TypeError:
+            if insertion != "replace":
+                raise
+            d_in, d_out = None, 0  # a replacing copy needs no widths: it may copy any module (RoBERTa's 2-layer head)
         source = "sublayer" if site.entry is not None and insertion == "parallel" else "module"
         if site.out_slice is not None:
             d_out = site.out_slice[1] - site.out_slice[0]
@@ -141,10 +151,12 @@ class Peft:
             if d_in is None:
                 raise ValueError(f"insertion 'multiplicative_input' needs a module with input features at {site.module}")
             d_out = d_in
+        if isinstance(spec.form, SequenceFormConfig):  # prefix/prompt: widths of the attention's keys or embeddings
+            d_in, d_out = spec.form.site_dims(self.model, site, spec)
         weight = next(iter(base.parameters()), None)
         device = weight.device if weight is not None else torch.device("cpu")
         with torch.device(device):
-            form = spec.form.build(SiteShape(d_in=d_in, d_out=d_out, base=base))
+            form = spec.form.build(SiteShape(d_in=d_in, d_out=d_out, base=base, out_slice=site.out_slice))
             compose = build_composition(spec.composition, scale=spec.scale, learn_scale=spec.learn_scale, d_in=d_in)
         placed = Placed(form, compose, insertion=insertion, source=source, out_slice=site.out_slice)
         if weight is not None and weight.is_floating_point() and weight.dtype != torch.float32:
@@ -247,8 +259,11 @@ class Peft:
             for key, tensor in placed.state_dict().items():
                 state[f"{module}::{index}.{key}"] = tensor
         if self.recipes[name].train_base:
-            for key, tensor in self.base_state_dict().items():
-                state[f"base::{key}"] = tensor
+            tied = {id(v): k for k, v in reversed(self.model.state_dict(keep_vars=True).items())}
+            for key, tensor in self.model.state_dict(keep_vars=True).items():
+                if ".adapters." in key or tied[id(tensor)] != key:
+                    continue  # a delta's tensor, or a tied weight (GPT-2's lm_head = wte) already stored once
+                state[f"base::{key.replace('.base.', '.')}"] = tensor.detach()
         return state
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
@@ -354,8 +369,17 @@ def attach(model: nn.Module, recipe: "Recipe | str" = "lora", name: str = "defau
 
     Returns:
         The model's :class:`Peft` handle (created on the first call).
+
+    Raises:
+        ValueError: as :meth:`Peft.add`; if this was the first attach, the model is left as it was.
     """
-    peft = getattr(model, _HANDLE, None) or Peft(model)
-    peft.add(recipe, name, **options)
+    existing = getattr(model, _HANDLE, None)
+    peft = existing or Peft(model)
+    try:
+        peft.add(recipe, name, **options)
+    except BaseException:
+        if existing is None:  # a failed first attach leaves the model as it was (not frozen, no handle)
+            peft.detach()
+        raise
     peft.set_active(name)
     return peft

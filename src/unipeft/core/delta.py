@@ -25,11 +25,14 @@ class SiteShape:
         d_in: features of the tensor the form reads (x for parallel, h for sequential); None for embeddings.
         d_out: features of the tensor it modifies.
         base: the wrapped base module (read-only use: shapes, dtype, an SVD-based init).
+        out_slice: (start, stop) of the base's output features the form modifies (GPT-2's ``attn.q`` in the fused
+            ``c_attn``), or None for all of them.
     """
 
     d_in: int | None
     d_out: int
     base: nn.Module
+    out_slice: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +46,10 @@ class FormConfig:
     def build(self, shape: SiteShape) -> "Form":
         """Create the form's module for one site."""
         raise NotImplementedError
+
+    def share(self, forms: list["Form"]) -> None:
+        """Called once per delta spec with the forms built for all its sites (in site order), before they are placed:
+        forms that share parameters across sites tie them here (Compacter's A_i). Default: nothing is shared."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (for YAML/JSON), with the form's ``type`` first."""
@@ -74,6 +81,11 @@ class Form(nn.Module):
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called by training loops after each optimizer step (AdaLoRA's rank reallocation uses it)."""
+
+    def resize_(self, shapes: Mapping[str, torch.Size]) -> None:
+        """Called by :func:`unipeft.load_adapter` before the saved tensors are copied in, with their shapes (keys as in
+        this form's state dict). Forms whose tensor shapes depend on data (FishMask's chosen entries) reallocate to
+        them here; the default keeps the built shapes, so the loader reports any mismatch."""
 
     def merge_problem(self, base: nn.Module) -> str | None:
         """Why this form cannot be folded into this particular ``base`` module (None if it can)."""

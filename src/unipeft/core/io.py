@@ -62,9 +62,10 @@ def atomic_write_dir(target: Path, write: "callable") -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():  # folders inside (e.g. a nested adapter) cannot be opened as files
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -170,6 +171,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     peft.add(recipe, name)
     try:
         _check_sites(peft, name, config["sites"])
+        _resize_forms(peft, name, state)
         own = peft.adapter_state_dict(name)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
@@ -190,6 +192,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if activate:
         peft.set_active(*[a for a in peft.active if a != name], name) if existing else peft.set_active(name)
     return peft
+
+
+def _resize_forms(peft: Peft, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Give forms whose tensor shapes depend on data (see ``Form.resize_``) the saved shapes before loading."""
+    counters: dict[str, int] = {}
+    for module, placed in peft.delta_modules(name):  # keys as in Peft.adapter_state_dict
+        index = counters.get(module, 0)
+        counters[module] = index + 1
+        prefix = f"{module}::{index}.form."
+        placed.form.resize_({k[len(prefix):]: v.shape for k, v in state.items() if k.startswith(prefix)})
 
 
 def _check_sites(peft: Peft, name: str, saved: list[dict[str, Any]]) -> None:

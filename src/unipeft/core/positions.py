@@ -17,6 +17,8 @@ from unipeft.core.detect import detect_arch_map
 from unipeft.core.site import base_named_modules
 
 MODEL_POSITIONS = ("embed", "head")
+#: The whole layer: every module inside it that holds parameters of its own (last-k-layers tuning copies them all).
+LAYER = "layer"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,8 @@ def available_positions(model: nn.Module) -> list[str]:
         for position, target in stack.positions.items():
             if position not in found and _target_exists(f"{layers[0]}.", target, names):
                 found.append(position)
+        if LAYER not in found:
+            found.append(LAYER)
     for position, suffixes in arch.model_positions.items():
         if any(_suffix_match(name, s) for name in names for s in suffixes):
             found.append(position)
@@ -125,12 +129,18 @@ def resolve_positions(
         stacks: stack names to use (``encoder``/``decoder``); None for all.
 
     Raises:
-        ValueError: for an unknown position (the message lists the positions this model has) or a layer out of range.
+        ValueError: for an unknown position (the message lists the positions this model has), an unknown stack
+            (the message lists the model's stacks) or a layer out of range.
     """
     arch = model_arch_map(model)
     names = [name for name, _ in base_named_modules(model)]
     name_set = set(names)
     valid = available_positions(model)
+    stack_names = [s.name for s in arch.stacks]
+    unknown_stacks = [s for s in stacks or () if s not in stack_names]
+    if unknown_stacks:
+        raise ValueError(f"unknown stack(s) {', '.join(map(repr, unknown_stacks))}; this model ({arch.family}) "
+                         f"has: {', '.join(stack_names)}")
     sites: list[Site] = []
     for position in positions:
         if position not in valid:
@@ -144,11 +154,25 @@ def resolve_positions(
                 continue
             target = stack.positions.get(position)
             stack_layers = _stack_layers(names, stack)
+            if position == LAYER and stack_layers:
+                for index, layer in _select_layers(stack_layers, layers, stack.name):
+                    sites.extend(_layer_sites(model, stack.name, index, layer))
+                continue
             if target is None or not stack_layers:
                 continue
             for index, layer in _select_layers(stack_layers, layers, stack.name):
                 sites.extend(_sites_for(model, position, stack.name, index, f"{layer}.", target, name_set))
     return sites
+
+
+def _layer_sites(model: nn.Module, stack: str, index: int, layer: str) -> list[Site]:
+    """One site per module inside ``layer`` with parameters of its own (never one inside another picked one)."""
+    picked: list[str] = []
+    for name, module in base_named_modules(model):  # parents come before their children
+        if name.startswith(f"{layer}.") and next(module.parameters(recurse=False), None) is not None \
+                and not any(name.startswith(f"{p}.") for p in picked):
+            picked.append(name)
+    return [Site(position=LAYER, module=n, stack=stack, layer=index) for n in picked]
 
 
 def _sites_for(model: nn.Module, position: str, stack: str, index: int, prefix: str, target: Target,

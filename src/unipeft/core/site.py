@@ -8,6 +8,8 @@ its output, Δ(·) a form and g a composition:
 * ``multiplicative``:        h' = h ⊙ l            ((IA)³ on keys, values)
 * ``multiplicative_input``:  h' = f(x ⊙ l)         ((IA)³ on the FFN's inner activations)
 * ``replace``:               h' = f'(x)            (a trainable copy of the module, HF peft's ``modules_to_save``)
+* ``sequence``:              h' = h                (Δ extends the sequence instead: prefix keys/values inside attention,
+                                                    prompt tokens at the input; see :mod:`unipeft.core.seq`)
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from torch import nn
 from unipeft.core.delta import Form
 from unipeft.core.modules import weight_out_in
 
-Insertion = Literal["parallel", "sequential", "multiplicative", "multiplicative_input", "replace"]
-INSERTIONS: tuple[str, ...] = ("parallel", "sequential", "multiplicative", "multiplicative_input", "replace")
+Insertion = Literal["parallel", "sequential", "multiplicative", "multiplicative_input", "replace", "sequence"]
+INSERTIONS: tuple[str, ...] = ("parallel", "sequential", "multiplicative", "multiplicative_input", "replace",
+                               "sequence")
 
 
 class Placed(nn.Module):
@@ -53,13 +56,15 @@ class Placed(nn.Module):
 
     @property
     def mergeable(self) -> bool:
-        """Whether this placement folds into the base weight exactly (linear in the weight, no gate)."""
+        """Whether this placement folds into the base weight exactly (linear in the weight, no gate).
+
+        A sequential delta folds when its form does: an affine Δ(h) (SSF's scale and shift) folds into W and b."""
         if self.insertion in ("multiplicative", "multiplicative_input"):
             return self.form.mergeable
-        if self.insertion != "parallel" or self.source != "module":
+        if self.insertion not in ("parallel", "sequential") or self.source != "module":
             return False
-        return self.form.mergeable and type(self.compose).__name__ in ("Add", "Scaled") and \
-            not any(p.requires_grad for p in self.compose.parameters())
+        # a learned scale s is a number at merge time like a fixed one (only the gate depends on the input)
+        return self.form.mergeable and type(self.compose).__name__ in ("Add", "Scaled")
 
     def merge_(self, base: nn.Module, sign: int) -> None:
         """Fold (sign=+1) or unfold (sign=-1) this delta into ``base``'s weight, in place.
@@ -113,7 +118,7 @@ def _identity(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tenso
 
 
 _INSERT = {"parallel": _parallel, "sequential": _sequential, "multiplicative": _multiplicative,
-           "multiplicative_input": _identity, "replace": _identity}
+           "multiplicative_input": _identity, "replace": _identity, "sequence": _identity}
 
 
 class DeltaSite(nn.Module):
@@ -133,6 +138,8 @@ class DeltaSite(nn.Module):
         self._pre: list[Placed] = []
         self._post: list[Placed] = []
         self._replace: Placed | None = None
+        #: running sequence-level deltas (prefix, prompt): read by unipeft.core.seq, not run in forward
+        self.sequence: list[Placed] = []
 
     # Some model code reads a projection's weight directly (T5 checks ``wo.weight.dtype``); expose the base's.
     @property
@@ -167,7 +174,8 @@ class DeltaSite(nn.Module):
         if len(replaced) > 1:
             raise ValueError("two active adapters replace the same module; activate only one of them")
         self._replace = replaced[0] if replaced else None
-        self._post = [p for p in running if p.insertion not in ("multiplicative_input", "replace")]
+        self._post = [p for p in running if p.insertion not in ("multiplicative_input", "replace", "sequence")]
+        self.sequence = [p for p in running if p.insertion == "sequence"]
 
     def merge(self, adapter: str) -> None:
         """Fold ``adapter`` into the base weight; it then costs nothing at run time."""

@@ -23,6 +23,9 @@ class ParamSummary:
         per_position: trainable delta parameters per canonical position (``attn.q``, ``ffn``, ...).
         per_form: trainable delta parameters per form (``lora``, ``bottleneck``, ...).
         per_adapter: delta parameters per adapter (trainable or not).
+        training_only: trainable parameters of training-time reparameterisations (prefix tuning's MLP, Li & Liang
+            2021), each shared tensor once. They are included in ``trainable`` but not in the ``per_*`` counts, which
+            count what an adapter saves; a form lists them in its ``training_only_parameters()``.
     """
 
     total: int
@@ -31,6 +34,7 @@ class ParamSummary:
     per_position: dict[str, int] = field(default_factory=dict)
     per_form: dict[str, int] = field(default_factory=dict)
     per_adapter: dict[str, int] = field(default_factory=dict)
+    training_only: int = 0
 
     @property
     def percent(self) -> float:
@@ -44,6 +48,8 @@ class ParamSummary:
                              ("per adapter", self.per_adapter)):
             if table:
                 lines.append(f"  {title}: " + ", ".join(f"{k}={v:,}" for k, v in table.items()))
+        if self.training_only:
+            lines.append(f"  training-only (reparameterisation, not saved): {self.training_only:,}")
         return "\n".join(lines)
 
 
@@ -56,13 +62,18 @@ def summarize(peft: Peft) -> ParamSummary:
     per_position: Counter[str] = Counter()
     per_form: Counter[str] = Counter()
     per_adapter: Counter[str] = Counter()
+    training_only: dict[int, object] = {}
     for name in peft.recipes:
         positions = [r.site.position for r in peft.records[name]]
         for (module, placed), position in zip(peft.delta_modules(name), positions):
-            n_all = sum(p.numel() for p in placed.parameters())
-            n_train = sum(p.numel() for p in placed.parameters() if p.requires_grad)
+            extra = {id(p): p for p in getattr(placed.form, "training_only_parameters", list)()}
+            training_only.update(extra)
+            own = [p for p in placed.parameters() if id(p) not in extra]
+            n_all = sum(p.numel() for p in own)
+            n_train = sum(p.numel() for p in own if p.requires_grad)
             per_adapter[name] += n_all
             per_position[position] += n_train
             per_form[type(placed.form).__name__] += n_train
     return ParamSummary(total=total, base=base, trainable=trainable, per_position=dict(per_position),
-                        per_form=dict(per_form), per_adapter=dict(per_adapter))
+                        per_form=dict(per_form), per_adapter=dict(per_adapter),
+                        training_only=sum(p.numel() for p in training_only.values() if p.requires_grad))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.methods.lora_init import BASE_INITS, BaseRewrite, site_weight
 
 
 @register_form("lora")
@@ -30,21 +31,23 @@ class LoRAConfig(FormConfig):
         dropout: dropout on the input of the low-rank path.
         rslora: rank-stabilised scaling alpha / sqrt(r).
         init: ``kaiming`` (A ~ Kaiming-uniform(a=√5), HF peft's default) or ``gaussian`` (A ~ N(0, 1/r)); B = 0.
+            ``pissa`` / ``olora``: A and B from the SVD / QR of the base weight, which keeps the residual
+            (see :mod:`unipeft.methods.lora_init`).
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"unknown LoRA init {self.init!r}; valid: kaiming, gaussian")
+        if self.init not in ("kaiming", "gaussian", *BASE_INITS):
+            raise ValueError(f"unknown LoRA init {self.init!r}; valid: kaiming, gaussian, {', '.join(BASE_INITS)}")
 
     @property
     def scaling(self) -> float:
@@ -73,6 +76,9 @@ class LoRA(Form):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1.0 / config.r)
+        # PiSSA / OLoRA: A, B from the base weight, which keeps W - s·B A; written in on_attach, undone in on_detach
+        self.rewrite = BaseRewrite(config.init, site_weight(shape, f"LoRA init '{config.init}'"), r=config.r,
+                                   scaling=self.scaling) if config.init in BASE_INITS else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding:  # x: token ids (B, T)
@@ -86,3 +92,13 @@ class LoRA(Form):
     def merge_(self, weight: torch.Tensor, bias: torch.Tensor | None, *, insertion: str, scale: float,
                sign: int) -> None:
         weight.add_((self.delta_weight() * (sign * scale)).to(weight.dtype))
+        if self.rewrite is not None:  # a PiSSA/OLoRA adapter merged at detach(keep_merged=True) stays in the base
+            self.rewrite.merged = sign > 0
+
+    def on_attach(self, base: nn.Module) -> None:
+        if self.rewrite is not None:
+            self.rewrite.apply(self.lora_A.data, self.lora_B.data)
+
+    def on_detach(self, base: nn.Module) -> None:
+        if self.rewrite is not None:
+            self.rewrite.restore()

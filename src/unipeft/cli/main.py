@@ -1,0 +1,71 @@
+"""The ``unipeft`` command line: train, eval, merge, methods, inspect.
+
+    unipeft train configs/sst2_lora.yaml [key=value ...]
+    unipeft eval --model minilm --task sst2 --adapter runs/sst2_lora/adapter [--merged]
+    unipeft merge --model minilm --task sst2 --adapter runs/sst2_lora/adapter --out merged/
+    unipeft methods
+    unipeft inspect llama-7b --method lora
+
+Bad input (an unknown task, method, model or key) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from unipeft.cli import convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="unipeft", description="Parameter-efficient fine-tuning as points in "
+                                     "He et al.'s unified design space.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train_cmd, eval_cmd, merge_cmd, methods_cmd, inspect_cmd, convert):
+        module.add_parser(subparsers)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """Warnings everywhere; training progress (evaluations, checkpoints) from unipeft.train unless ``quiet``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("unipeft").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("unipeft.train").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not verbose:  # transformers' load reports (e.g. the new head's weights) are expected here
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse's own errors (exit 2) and --help (exit 0)
+        return int(exit_.code or 0)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        if args.traceback:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"unipeft {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"unipeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

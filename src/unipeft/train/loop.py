@@ -1,0 +1,271 @@
+"""The training loop: fine-tune a model on a task with a PEFT recipe, evaluate, checkpoint, and report.
+
+``train(config)`` seeds everything, loads the model with the head the task needs, attaches the recipe (plus a
+trainable copy of the classification head, as HF peft's ``modules_to_save``), and runs AdamW over the trainable
+parameters with linear warm-up and decay, on dynamically padded batches. It evaluates every ``eval_every`` steps and
+at the end, checkpoints every ``save_every`` steps (and resumes from the checkpoint after a crash, reproducing the
+uninterrupted run exactly), and writes into ``output_dir``:
+
+- ``adapter/``: the trained adapter (:func:`unipeft.load_adapter` reads it);
+- ``metrics.json``: final metrics, parameter counts, time, throughput, peak memory and the config;
+- ``history.json`` and ``curves.png``: training loss and evaluation metrics against the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import unipeft
+from unipeft.core.adapted import Peft
+from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
+from unipeft.data import TaskSpec, collate, encode, load_rows
+from unipeft.models import load_model
+from unipeft.train.checkpoint import (ADAPTER_DIR, TrainState, has_checkpoint, read_checkpoint_meta,
+                                      restore_checkpoint, resume_mismatches, save_checkpoint)
+from unipeft.train.config import TrainConfig
+from unipeft.train.evaluate import evaluate
+from unipeft.train.hooks import FISHER_BATCHES, MethodHooks
+from unipeft.train.report import peak_rss_mib, plot_curves, write_json
+from unipeft.train.sampling import epoch_plan
+from unipeft.train.schedule import lr_factor, warmup_steps
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+        metrics: the final evaluation metrics (the task's metrics and ``loss``).
+        main_metric: the task's main metric name.
+        steps: optimizer steps done.
+        trainable_params: parameters trained.
+        total_params: parameters of the adapted model.
+        trainable_percent: 100 · trainable / total.
+        train_time_s: seconds in training steps (evaluation and loading excluded), over all resumed parts.
+        peak_rss_mib: the process's peak resident memory.
+        output_dir: the run's folder.
+        adapter_dir: the saved adapter.
+    """
+
+    metrics: dict[str, float]
+    main_metric: str
+    steps: int
+    trainable_params: int
+    total_params: int
+    trainable_percent: float
+    train_time_s: float
+    peak_rss_mib: float
+    output_dir: Path
+    adapter_dir: Path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def with_head(recipe: Recipe, kind: str) -> Recipe:
+    """``recipe`` plus a trainable copy of the head (HF peft's ``modules_to_save``) when ``kind`` is
+    classification or regression, since the new head must train; unchanged if the recipe trains the whole base or
+    already places a delta at the head."""
+    at_head = any("head" in spec.positions for spec in recipe.deltas)
+    if kind not in ("classification", "regression") or recipe.train_base or at_head:
+        return recipe
+    head = DeltaSpec.from_dict({"form": {"type": "copy"}, "positions": ["head"]})
+    return dataclasses.replace(recipe, deltas=recipe.deltas + (head,))
+
+
+def recipe_for(config: TrainConfig, task: TaskSpec) -> Recipe:
+    """The recipe to attach: the method with its options, plus the head copy for a labelled task (:func:`with_head`)."""
+    return with_head(load_recipe(config.method).with_options(**config.method_options), task.kind)
+
+
+def model_kind(task: TaskSpec) -> tuple[str, int | None]:
+    """The model kind and ``num_labels`` that :func:`unipeft.models.load_model` needs for ``task``."""
+    return task.kind, (task.num_labels if task.kind == "classification" else None)
+
+
+def make_optimizer(peft: Peft, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norm weights (1-D tensors)."""
+    params = peft.trainable_parameters()
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=config.lr)
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run the training described by ``config``; see the module docstring for what it writes.
+
+    Args:
+        config: the run.
+        on_step: called after every optimizer step with ``(step, loss)``; an exception it raises stops the run
+            as a crash would (the last checkpoint stays, to resume from).
+
+    Raises:
+        ValueError: for a bad model, task, method or option, or a checkpoint from a different run.
+        FileNotFoundError: for missing data or model files.
+    """
+    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    task = config.task_spec()
+    out = Path(config.output_dir)
+    ckpt = out / "checkpoint"
+    plain_config = config.to_dict()
+    meta = None
+    if has_checkpoint(ckpt):
+        if config.resume:
+            meta = read_checkpoint_meta(ckpt)
+            problems = resume_mismatches(meta["config"], plain_config)
+            if problems:
+                raise ValueError(f"cannot resume from {ckpt}: the config changed ({'; '.join(problems)}); "
+                                 "set resume=false to start over, or use another output_dir")
+        else:
+            log.warning("ignoring the checkpoint in %s (resume=false); it will be replaced", ckpt)
+
+    seed_everything(config.seed)
+    kind, num_labels = model_kind(task)
+    model, tokenizer = load_model(config.model, kind=kind, num_labels=num_labels, seed=config.seed)  # type: ignore
+    recipe = recipe_for(config, task)
+    if meta is not None:
+        peft = unipeft.load_adapter(model, ckpt / ADAPTER_DIR, name=ADAPTER_NAME)
+    else:
+        peft = unipeft.attach(model, recipe, name=ADAPTER_NAME)
+    summary = peft.summary()
+    log.info("%s on %s with %s\n%s", config.model, task.name, recipe.name, summary)
+
+    train_set = encode(load_rows(task, "train", config.data_dir, config.train_limit), task, tokenizer,
+                       config.max_length)
+    eval_set = encode(load_rows(task, "eval", config.data_dir, config.eval_limit), task, tokenizer,
+                      config.max_length)
+    if not train_set:
+        raise ValueError(f"task {task.name!r} has no training examples (train_limit={config.train_limit})")
+    lengths = [len(e["input_ids"]) for e in train_set]
+    plan_for = lambda epoch: epoch_plan(lengths, config.batch_size, seed=config.seed, epoch=epoch,  # noqa: E731
+                                        group_by_length=config.group_by_length)
+    per_epoch = len(plan_for(0))
+    total = config.max_steps or config.epochs * per_epoch
+    warmup = warmup_steps(total, config.warmup_ratio)
+
+    pad_id = tokenizer.pad_token_id
+    hooks = MethodHooks(peft)
+    if meta is None:
+        hooks.before_training(lambda: (collate([train_set[int(i)] for i in b], pad_id)
+                                       for b in plan_for(0)[:FISHER_BATCHES]))
+    optimizer = make_optimizer(peft, config)
+    state = TrainState()
+    if meta is not None:
+        state = restore_checkpoint(ckpt, meta, optimizer)
+        optimizer.param_groups[0]["weight_decay"] = config.weight_decay
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
+                 state.batch_in_epoch)
+    main = task.main_metric
+    last_eval: dict[str, float] = {}
+
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
+        state.history["eval"].append({"step": state.step, **metrics})
+        log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    log.info("training %d steps (%d batches per epoch of %d examples, warm-up %d) on %d threads", total,
+             per_epoch, len(train_set), warmup, torch.get_num_threads())
+    log_every = max(1, total // 20)  # without a progress bar, log the loss 20 times per run
+    model.train()
+    bar = tqdm(total=total, initial=state.step, desc=f"{task.name}/{recipe.name}", unit="step",
+               disable=not config.progress, dynamic_ncols=True, mininterval=1.0)
+    try:
+        while state.step < total:
+            plan = plan_for(state.epoch)
+            while state.batch_in_epoch < len(plan) and state.step < total:
+                indices = plan[state.batch_in_epoch]
+                batch = collate([train_set[int(i)] for i in indices], pad_id)
+                lr = config.lr * lr_factor(state.step, total_steps=total, warmup=warmup, scheduler=config.scheduler)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                loss = model(**batch).loss
+                hooks.loss(loss).backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if hooks.after_step(state.step + 1, total):  # the trainable tensors were replaced
+                    optimizer = make_optimizer(peft, config)
+                state.train_time_s += time.perf_counter() - start
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.examples += len(indices)
+                state.tokens += int(batch["attention_mask"].sum())
+                value = loss.detach().item()
+                state.history["train"].append({"step": state.step, "loss": value, "lr": lr})
+                if on_step is not None:
+                    on_step(state.step, value)
+                if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
+                    last_eval = run_eval()
+                if config.save_every and state.step % config.save_every == 0 and state.step < total:
+                    save_checkpoint(ckpt, peft=peft, optimizer=optimizer, state=state, config=plain_config)
+                    log.info("checkpoint at step %d -> %s", state.step, ckpt)
+                if not config.progress and state.step % log_every == 0:
+                    log.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", state.step, total, value, lr,
+                             state.train_time_s / state.step)
+                postfix = {"loss": f"{value:.4f}", "lr": f"{lr:.2e}"}
+                if main in last_eval:
+                    postfix[main] = f"{last_eval[main]:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            if state.batch_in_epoch >= len(plan):
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        bar.close()
+
+    final = run_eval()
+    adapter_dir = peft.save(out / "adapter", ADAPTER_NAME)
+    summary = peft.summary()  # after training: sparse methods may have pruned to their budget
+    peak = peak_rss_mib()
+    result = TrainResult(metrics=final, main_metric=main, steps=state.step, trainable_params=summary.trainable,
+                         total_params=summary.total, trainable_percent=summary.percent,
+                         train_time_s=state.train_time_s, peak_rss_mib=peak, output_dir=out, adapter_dir=adapter_dir)
+    _write_outputs(result, state, config, task, recipe, per_epoch)
+    if has_checkpoint(ckpt):
+        shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete; its outputs replace the checkpoint
+    return result
+
+
+def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, task: TaskSpec,
+                   recipe: Recipe, per_epoch: int) -> None:
+    seconds = max(state.train_time_s, 1e-9)
+    metrics: dict[str, Any] = {
+        "model": config.model, "task": task.name, "method": recipe.name, "main_metric": result.main_metric,
+        "metrics": result.metrics, "steps": result.steps, "epochs": state.epoch + state.batch_in_epoch / per_epoch,
+        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "trainable_percent": result.trainable_percent, "train_time_s": state.train_time_s,
+        "throughput": {"steps_per_s": state.step / seconds, "examples_per_s": state.examples / seconds,
+                       "tokens_per_s": state.tokens / seconds},
+        "peak_rss_mib": result.peak_rss_mib, "threads": torch.get_num_threads(),
+        "adapter_dir": str(result.adapter_dir), "recipe": recipe.to_dict(), "config": config.to_dict(),
+    }
+    write_json(result.output_dir / "metrics.json", metrics)
+    write_json(result.output_dir / "history.json", state.history)
+    plot_curves(result.output_dir / "curves.png", state.history, result.main_metric,
+                f"{config.model} · {task.name} · {recipe.name}")
+
+
+__all__ = ["train", "TrainResult", "recipe_for", "with_head", "model_kind", "seed_everything"]

@@ -1,0 +1,78 @@
+"""Smoke test of benchmarks/lora_step.py on tiny randomly initialised models (2 measured steps, seconds).
+
+The benchmark lives outside the package, so it is imported from its folder. The three contenders start from the same
+weights and unipeft's LoRA is copied into HF peft's, so their losses must agree; the floor never trains.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def lora_step():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("lora_step")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+TINY = {
+    "causal_lm": dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2),
+    "classification": dict(model_type="bert", vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+}
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classification"])
+def test_run_benchmark_result_is_complete_and_losses_agree(lora_step, kind):
+    spec = lora_step.ModelSpec(name=f"tiny-{kind}", kind=kind, config=TINY[kind])
+    setup = lora_step.Setup(model=spec, batch=2, seq=8, steps=2, warmup=1, threads=1)
+
+    result = lora_step.run_benchmark(setup, memory="inprocess", log=lambda message: None)
+
+    assert set(result) >= {"model", "kind", "setup", "tokens_per_step", "memory_method", "contenders", "ratios",
+                           "loss_check"}
+    assert set(result["contenders"]) == set(lora_step.CONTENDERS)
+    for name, r in result["contenders"].items():
+        assert r["time"]["n"] == 2 and len(r["times_s"]) == 2, name
+        assert all(t > 0 for t in r["times_s"]), name
+        assert r["time"]["min_s"] <= r["time"]["median_s"] <= r["time"]["max_s"], name
+        assert len(r["losses"]) == 3, name  # warm-up + measured
+        assert r["memory"]["peak_delta_bytes"] >= 0 and r["memory"]["method"], name
+    uni, peft, floor = (result["contenders"][n] for n in ("unipeft", "peft", "floor"))
+    # 2 layers of r=8 on q (32 -> 32) and v (32 -> 16: 2 key-value heads of 8) for LLaMA; v is 32 -> 32 in BERT
+    d_v = 16 if kind == "causal_lm" else 32
+    assert uni["trainable_params"] == peft["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + d_v))
+    assert floor["trainable_params"] == 0
+
+    assert uni["losses"] == pytest.approx(peft["losses"], abs=1e-5)
+    assert uni["losses"][0] == pytest.approx(floor["losses"][0], abs=1e-5)  # B = 0: LoRA changes nothing yet
+    assert uni["losses"][-1] != pytest.approx(uni["losses"][0], abs=1e-6)  # and then it trains
+    assert floor["losses"] == pytest.approx([floor["losses"][0]] * 3, abs=1e-6)  # the floor never trains
+    assert result["loss_check"]["max_abs_diff_unipeft_peft"] <= 1e-5
+
+    ratios = result["ratios"]
+    for key in ("unipeft/peft", "unipeft/floor"):
+        assert ratios[key]["of_medians"] > 0 and ratios[key]["median_paired"] > 0
+    assert set(ratios["targets"]) == {"no_slower_than_peft", "within_5pct_of_floor", "no_more_memory_than_peft"}
+    assert "unipeft/peft" in lora_step.report(result)
+
+
+def test_peft_targets_the_modules_unipeft_wraps(lora_step):
+    spec = lora_step.ModelSpec(name="tiny", kind="causal_lm", config=TINY["causal_lm"])
+    model = spec.load()
+
+    targets = lora_step.lora_targets(model, ("attn.q", "attn.v"))
+
+    assert sorted(targets) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
