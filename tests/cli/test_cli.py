@@ -59,8 +59,10 @@ def test_inspect_config_only_models(capsys, model, kind, expected, percent):
 def test_inspect_options_and_head_note(capsys):
     code, out, _ = run(capsys, "inspect", "llama-7b", "--method", "lora:r=16,positions=[attn.q,attn.k,attn.v]")
     assert code == 0 and "12,582,912" in out
+    code, out, _ = run(capsys, "inspect", "llama-7b", "--kind", "classification", "--method", "lora")
+    assert code == 0 and "4,202,496" in out and "includes the new classification head (8,192 params)" in out
     code, out, _ = run(capsys, "inspect", "roberta-base", "--kind", "classification", "--method", "lora")
-    assert code == 0 and "includes the new classification head (592,130 params)" in out
+    assert code == 0 and "includes the new classification head (592,130 params)" in out  # dense + out_proj
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -218,3 +218,26 @@ def test_saving_over_an_adapter_replaces_it(saved, tiny, randomize):
     fresh = tiny.model("llama")
     unipeft.load_adapter(fresh, saved)
     assert torch.equal(tiny.logits(fresh, batch), tiny.logits(model, batch))
+
+
+# ------------------------------------------------------------------------------------------------ saving while merged
+def _save_merged_and_reload(tiny, randomize, tmp_path, recipe: str) -> float:
+    model = tiny.model("llama")
+    batch = tiny.batch("llama")
+    peft = unipeft.attach(model, recipe)
+    randomize(peft)
+    adapted = tiny.logits(model, batch)
+    peft.merge()
+    peft.save(str(tmp_path / "merged"))
+    fresh = tiny.model("llama")
+    unipeft.load_adapter(fresh, tmp_path / "merged")
+    return (tiny.logits(fresh, batch) - adapted).abs().max().item()
+
+
+def test_saving_a_merged_lora_saves_its_deltas(tiny, randomize, tmp_path):
+    assert _save_merged_and_reload(tiny, randomize, tmp_path, "lora") == 0.0
+
+
+def test_saving_a_merged_copy_saves_the_trained_copy(tiny, randomize, tmp_path):
+    """Merging a ``copy`` delta swaps its tensors with the base's: saving must still write the trained copy."""
+    assert _save_merged_and_reload(tiny, randomize, tmp_path, "last_k") == 0.0

@@ -99,3 +99,22 @@ def test_hf_adapter_joins_existing_adapters_and_a_name_clash_keeps_them(tmp_path
     with pytest.raises(ValueError, match="already exists"):
         load_hf_adapter(model, tmp_path / "hf", name="hf")
     assert list(handle.recipes) == ["default", "hf"] and handle.active == ["default", "hf"]
+
+
+def test_legacy_modules_to_save_keys_are_read(tmp_path, tiny):
+    """peft < 0.14 saved a copied module as ``classifier.modules_to_save.weight``; 0.21 as ``classifier.weight``."""
+    from safetensors.torch import load_file, save_file
+
+    peft = pytest.importorskip("peft")
+    hf_model = peft.get_peft_model(tiny.model("bert"), peft.LoraConfig(r=2, target_modules=["query"],
+                                                                       modules_to_save=["classifier"]))
+    with torch.no_grad():
+        hf_model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    hf_model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "adapter_model.safetensors"
+    tensors = {k.replace("classifier.", "classifier.modules_to_save."): v for k, v in load_file(path).items()}
+    save_file(tensors, path)
+    model = tiny.model("bert")
+    load_hf_adapter(model, tmp_path / "hf")
+    batch = tiny.batch("bert")
+    assert torch.allclose(tiny.logits(model, batch), tiny.logits(hf_model.eval(), batch), atol=1e-6)

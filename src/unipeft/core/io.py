@@ -88,7 +88,14 @@ def save_adapter(peft: Peft, path: str | os.PathLike, name: str | None = None) -
         if len(peft.active) != 1:
             raise ValueError(f"give the adapter to save; active adapters: {', '.join(peft.active) or '(none)'}")
         name = peft.active[0]
-    state = {k: v.detach().contiguous().cpu() for k, v in peft.adapter_state_dict(name).items()}
+    swapped = name in peft.merged and any(p.insertion == "replace" for _, p in peft.delta_modules(name))
+    if swapped:  # a merged module copy holds the base's original weights (merging swaps them): swap back to read
+        peft.unmerge(name)
+    try:
+        state = {k: v.detach().contiguous().cpu().clone() for k, v in peft.adapter_state_dict(name).items()}
+    finally:
+        if swapped:
+            peft.merge(name)
     recipe = peft.recipes[name]
     records = peft.records[name]
 

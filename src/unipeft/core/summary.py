@@ -64,11 +64,19 @@ def summarize(peft: Peft) -> ParamSummary:
     per_adapter: Counter[str] = Counter()
     training_only: dict[int, object] = {}
     for name in peft.recipes:
-        positions = [r.site.position for r in peft.records[name]]
-        for (module, placed), position in zip(peft.delta_modules(name), positions):
+        positions: dict[str, list[str]] = {}  # site module -> positions of its placements, in placement order
+        for record in peft.records[name]:
+            positions.setdefault(record.site.module, []).append(record.site.position)
+        placed_at = {}
+        for module, placed in peft.delta_modules(name):
+            placed_at.setdefault(module, []).append(placed)
+        seen: set[int] = set()  # tensors shared across sites (Compacter's rules) count once
+        for module, placed, position in ((m, p, pos) for m in positions
+                                         for p, pos in zip(placed_at[m], positions[m])):
             extra = {id(p): p for p in getattr(placed.form, "training_only_parameters", list)()}
             training_only.update(extra)
-            own = [p for p in placed.parameters() if id(p) not in extra]
+            own = [p for p in placed.parameters() if id(p) not in extra and id(p) not in seen]
+            seen.update(id(p) for p in own)
             n_all = sum(p.numel() for p in own)
             n_train = sum(p.numel() for p in own if p.requires_grad)
             per_adapter[name] += n_all

@@ -30,7 +30,7 @@ class LoRAConfig(FormConfig):
         alpha: scaling numerator (scaling = alpha / r, or alpha / sqrt(r) with rslora).
         dropout: dropout on the input of the low-rank path.
         rslora: rank-stabilised scaling alpha / sqrt(r).
-        init: ``kaiming`` (A ~ Kaiming-uniform(a=√5), HF peft's default) or ``gaussian`` (A ~ N(0, 1/r)); B = 0.
+        init: ``kaiming`` (A ~ Kaiming-uniform(a=√5), HF peft's default) or ``gaussian`` (A ~ N(0, (1/r)²)); B = 0.
             ``pissa`` / ``olora``: A and B from the SVD / QR of the base weight, which keeps the residual
             (see :mod:`unipeft.methods.lora_init`).
     """
