@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from unipeft.cli.main import main
 from unipeft.data import collate, encode, get_task, load_rows
 from unipeft.models import load_model
 
-TINY = ["train_limit=24", "eval_limit=16", "max_length=32", "batch_size=8", "max_steps=2", "threads=2",
+TINY = ["train_limit=24", "eval_limit=16", "max_length=32", "batch_size=8", "max_steps=2", "threads=1",
         "progress=false"]
 
 

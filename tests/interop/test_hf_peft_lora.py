@@ -25,7 +25,7 @@ peft = pytest.importorskip("peft")
     ("llama", dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)),
     ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True)),
     ("gpt2", dict(r=4, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True)),
-    ("t5", dict(r=4, target_modules=["q", "v", "wo"])),
+    pytest.param("t5", dict(r=4, target_modules=["q", "v", "wo"]), marks=pytest.mark.slow),
 ])
 def test_hf_lora_loads_with_the_same_outputs(hf_check, tiny, family, config):
     diff, handle = hf_check.hf_to_unipeft(tiny.model(family), peft.LoraConfig(**config), tiny.batch(family))
@@ -33,7 +33,7 @@ def test_hf_lora_loads_with_the_same_outputs(hf_check, tiny, family, config):
     assert handle.active == ["default"]
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", pytest.param("olora", marks=pytest.mark.slow)])
 def test_hf_lora_with_base_rewriting_init_loads_with_the_same_outputs(hf_check, tiny, init):
     diff, handle = hf_check.hf_to_unipeft(tiny.model("llama"), peft.LoraConfig(
         r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=init), tiny.batch("llama"))

@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 @pytest.mark.parametrize("family, config", [
     ("bert", peft.LoHaConfig(r=4, alpha=8, target_modules=["query", "value"], rank_pattern={"value": 2})),
-    ("llama", peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("llama", peft.LoHaConfig(r=4, target_modules=["q_proj", "down_proj"])),
     ("llama", peft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"])),
     ("bert", peft.LoKrConfig(r=2, target_modules=["query", "dense"], decompose_both=True, decompose_factor=4,
                              layers_to_transform=[0])),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from unipeft.data import TaskSpec
@@ -14,7 +15,7 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, with exit code 2."""
 
 
-def resolve_task(value: str) -> "TaskSpec":
+def resolve_task(value: str) -> TaskSpec:
     """A built-in task name, or a training config YAML whose task (built-in or ``jsonl``) is used.
 
     Raises:

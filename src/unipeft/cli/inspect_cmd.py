@@ -62,7 +62,7 @@ def default_kind(name: str, config: Any) -> str:
     return "base"
 
 
-def build(name: str, kind: str | None, meta: bool) -> tuple["nn.Module", str, bool]:
+def build(name: str, kind: str | None, meta: bool) -> tuple[nn.Module, str, bool]:
     """The model to inspect, its kind, and whether it is on the meta device."""
     from unipeft.models import KNOWN_CONFIGS, build_meta_model, load_config, load_model
 
@@ -74,7 +74,7 @@ def build(name: str, kind: str | None, meta: bool) -> tuple["nn.Module", str, bo
     return model, kind, False
 
 
-def positions_table(model: "nn.Module") -> str:
+def positions_table(model: nn.Module) -> str:
     """One row per position and layer stack: the module it resolves to in layer 0 and the number of layers."""
     from unipeft.core.positions import available_positions, resolve_positions
 
@@ -92,7 +92,7 @@ def positions_table(model: "nn.Module") -> str:
     return table(rows, header=("position", "stack", "module (layer 0)", "layers"))
 
 
-def count_method(model: "nn.Module", kind: str, text: str) -> list[tuple[str, str, str, str]]:
+def count_method(model: nn.Module, kind: str, text: str) -> list[tuple[str, str, str, str]]:
     """Attach one method, count its parameters, and detach again."""
     import unipeft
     from unipeft.core.recipe import load_recipe

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from unipeft.cli import convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
 
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     """Warnings everywhere; training progress (evaluations, checkpoints) from unipeft.train unless ``quiet``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    train_level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.getLogger("unipeft").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("unipeft.train").setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("unipeft.train").setLevel(train_level)
     if not verbose:  # transformers' load reports (e.g. the new head's weights) are expected here
         import transformers
 

@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def positions(recipe: "Recipe") -> str:
+def positions(recipe: Recipe) -> str:
     """The positions (or module patterns) a recipe places deltas at, in order, without repeats."""
     found: list[str] = []
     for spec in recipe.deltas:

@@ -10,7 +10,8 @@ Examples are batched in order of length (the metrics do not depend on the order)
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -19,9 +19,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,15 @@ from unipeft.core.adapted import Peft
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.data import TaskSpec, collate, encode, load_rows
 from unipeft.models import load_model
-from unipeft.train.checkpoint import (ADAPTER_DIR, TrainState, has_checkpoint, read_checkpoint_meta,
-                                      restore_checkpoint, resume_mismatches, save_checkpoint)
+from unipeft.train.checkpoint import (
+    ADAPTER_DIR,
+    TrainState,
+    has_checkpoint,
+    read_checkpoint_meta,
+    restore_checkpoint,
+    resume_mismatches,
+    save_checkpoint,
+)
 from unipeft.train.config import TrainConfig
 from unipeft.train.evaluate import evaluate
 from unipeft.train.hooks import FISHER_BATCHES, MethodHooks
@@ -110,6 +118,37 @@ def make_optimizer(peft: Peft, config: TrainConfig) -> torch.optim.AdamW:
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=config.lr)
 
 
+def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint's metadata if the run resumes from it, else None.
+
+    Raises:
+        ValueError: if it was written by a run with a different model, task, method or data order.
+    """
+    if not has_checkpoint(ckpt):
+        return None
+    if not config.resume:
+        log.warning("ignoring the checkpoint in %s (resume=false); it will be replaced", ckpt)
+        return None
+    meta = read_checkpoint_meta(ckpt)
+    problems = resume_mismatches(meta["config"], config.to_dict())
+    if problems:
+        raise ValueError(f"cannot resume from {ckpt}: the config changed ({'; '.join(problems)}); "
+                         "set resume=false to start over, or use another output_dir")
+    return meta
+
+
+def _step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+          hooks: MethodHooks, max_grad_norm: float | None) -> float:
+    """One optimizer step on ``batch``; returns the task loss."""
+    loss = model(**batch).loss
+    hooks.loss(loss).backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
 def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run the training described by ``config``; see the module docstring for what it writes.
 
@@ -122,21 +161,20 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
         ValueError: for a bad model, task, method or option, or a checkpoint from a different run.
         FileNotFoundError: for missing data or model files.
     """
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    try:
+        return _train(config, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) -> TrainResult:
     task = config.task_spec()
     out = Path(config.output_dir)
     ckpt = out / "checkpoint"
     plain_config = config.to_dict()
-    meta = None
-    if has_checkpoint(ckpt):
-        if config.resume:
-            meta = read_checkpoint_meta(ckpt)
-            problems = resume_mismatches(meta["config"], plain_config)
-            if problems:
-                raise ValueError(f"cannot resume from {ckpt}: the config changed ({'; '.join(problems)}); "
-                                 "set resume=false to start over, or use another output_dir")
-        else:
-            log.warning("ignoring the checkpoint in %s (resume=false); it will be replaced", ckpt)
+    meta = _checkpoint_to_resume(ckpt, config)
 
     seed_everything(config.seed)
     kind, num_labels = model_kind(task)
@@ -199,13 +237,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
-                loss = model(**batch).loss
-                hooks.loss(loss).backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                value = _step(model, batch, optimizer, hooks, config.max_grad_norm)
                 if hooks.after_step(state.step + 1, total):  # the trainable tensors were replaced
                     optimizer = make_optimizer(peft, config)
                 state.train_time_s += time.perf_counter() - start
@@ -213,7 +245,6 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
                 state.batch_in_epoch += 1
                 state.examples += len(indices)
                 state.tokens += int(batch["attention_mask"].sum())
-                value = loss.detach().item()
                 state.history["train"].append({"step": state.step, "loss": value, "lr": lr})
                 if on_step is not None:
                     on_step(state.step, value)

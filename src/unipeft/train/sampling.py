@@ -6,7 +6,7 @@ plan and skips the batches it has already seen.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
