@@ -43,6 +43,8 @@ def test_override_list_value():
     (["max_steps"], r"bad override 'max_steps': use key=value"),
     (["scheduler=cosing"], r"unknown scheduler 'cosing'; valid: linear, cosine, constant"),
     (["task=sst3"], r"unknown task 'sst3'; valid tasks: sst2, cola"),
+    (["method=lorra"], r"unknown method 'lorra'; built-in recipes: .*\blora\b"),
+    (["resume=maybe"], r"resume must be true or false, got 'maybe'"),
     (["batch_size=0"], r"batch_size must be a positive integer"),
     (["lr=-1"], r"lr must be > 0"),
     (["warmup_ratio=1.5"], r"warmup_ratio must be in \[0, 1\)"),

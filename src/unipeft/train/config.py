@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from unipeft.core.recipe import builtin_recipe_names
 from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
 
@@ -144,6 +145,15 @@ class TrainConfig:
         if self.jsonl is None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; valid tasks: {', '.join(TASKS)} "
                              "(or describe a user task under 'jsonl:')")
+        for key in ("model", "task", "method", "output_dir"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if not self.method.endswith((".yaml", ".yml", ".json")) and self.method not in builtin_recipe_names():
+            raise ValueError(f"unknown method {self.method!r}; built-in recipes: {', '.join(builtin_recipe_names())} "
+                             "(or give a .yaml/.json recipe file)")
+        for key in ("group_by_length", "resume", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,

@@ -138,15 +138,18 @@ def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | N
 
 
 def _step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-          hooks: MethodHooks, max_grad_norm: float | None) -> float:
-    """One optimizer step on ``batch``; returns the task loss."""
+          hooks: MethodHooks, max_grad_norm: float | None, step: int, total: int) -> tuple[float, bool]:
+    """Optimizer step ``step`` (1-based) on ``batch``; returns the task loss and whether the trainable tensors were
+    replaced (then the optimizer must be rebuilt). The methods' hooks run after the update, while the gradients are
+    still there (AdaLoRA scores its singular values with them)."""
     loss = model(**batch).loss
     hooks.loss(loss).backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
+    replaced = hooks.after_step(step, total)
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach().item()
+    return loss.detach().item(), replaced
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -237,8 +240,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
-                value = _step(model, batch, optimizer, hooks, config.max_grad_norm)
-                if hooks.after_step(state.step + 1, total):  # the trainable tensors were replaced
+                value, replaced = _step(model, batch, optimizer, hooks, config.max_grad_norm, state.step + 1, total)
+                if replaced:
                     optimizer = make_optimizer(peft, config)
                 state.train_time_s += time.perf_counter() - start
                 state.step += 1

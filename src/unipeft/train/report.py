@@ -51,14 +51,15 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def plot_curves(path: Path, history: dict[str, list[dict[str, float]]], metric: str, title: str) -> None:
-    """Plot the training loss and the evaluation ``metric`` against the step into ``path`` (PNG), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Plot the training loss (raw and smoothed) and the evaluation ``metric`` against the step into ``path`` (PNG),
+    atomically, with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     train, evals = history.get("train", []), history.get("eval", [])
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_metric = fig.subplots(1, 2)
     if train:
         steps = [r["step"] for r in train]
         losses = [r["loss"] for r in train]
@@ -81,7 +82,6 @@ def plot_curves(path: Path, history: dict[str, list[dict[str, float]]], metric: 
     fig.suptitle(title)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
 
 
 __all__ = ["peak_rss_mib", "write_json", "plot_curves"]
