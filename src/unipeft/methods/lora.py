@@ -81,9 +81,11 @@ class LoRA(Form):
                                    scaling=self.scaling) if config.init in BASE_INITS else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scaling multiplies the rank-r intermediate (B, T, r), not the (B, T, d_out) output: the same value
+        # (bit for bit when α/r is a power of two), for r/d_out of the memory traffic, forward and backward.
         if self.embedding:  # x: token ids (B, T)
-            return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (B, T, d_out)
+            return (F.embedding(x, self.lora_A.T) * self.scaling) @ self.lora_B.T
+        return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)  # (B, T, d_out)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A, shape (d_out, d_in)."""
