@@ -356,7 +356,7 @@ def run_benchmark(setup: Setup, *, memory: Literal["subprocess", "inprocess", "n
     log(f"[{setup.model.name}] loading")
     base = setup.model.load()
     contenders: list[Contender] = []
-    for name in CONTENDERS:
+    for name in CONTENDERS:  # unipeft first: peft copies its initial A and B
         init_from = contenders[0].model if name == "peft" else None
         contenders.append(build_contender(name, base, setup, init_from=init_from))
     batch = make_batch(base, setup)
@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _quiet_transformers()
     torch.set_num_threads(args.threads)
-    started = datetime.now(timezone.utc)
+    started, load_before = datetime.now(timezone.utc), os.getloadavg()
     results = []
     for name in args.model:
         kind, batch, seq = MODELS[name]
@@ -489,10 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         print(report(result) + "\n", flush=True)
     env = environment(sys.argv if argv is None else [sys.argv[0], *argv])
-    print(f"{env['command']}\n{env['versions']}\n{env['machine']}")
+    print(f"{env['command']}\n{env['versions']}\n{env['machine']}\n"
+          f"load average (1, 5, 15 min) at start {load_before}, at end {os.getloadavg()}")
     if args.out:
         data = {"benchmark": "lora_step", "started": started.isoformat(timespec="seconds"),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env, "results": results}
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "load_average": {"start": load_before, "end": os.getloadavg()}, **env, "results": results}
         print(f"wrote {write_json(args.out, data)}")
     return 0
 

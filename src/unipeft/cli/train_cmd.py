@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
                           f"({result.trainable_percent:.4f}%)")]
     rows += [(name, f"{value:.4f}") for name, value in result.metrics.items()]
     rows += [("train time", f"{result.train_time_s:.1f} s ({result.steps} steps, "
-                            f"{result.steps / max(result.train_time_s, 1e-9):.2f} steps/s)"),
+                            f"{result.steps / max(result.train_time_s, 1e-9):.2f} steps/s; "
+                            f"{result.wall_time_s:.1f} s with loading and evaluation)"),
              ("peak memory", f"{result.peak_rss_mib:,.0f} MiB (peak RSS)"),
              ("adapter", str(result.adapter_dir)),
              ("metrics", str(result.output_dir / "metrics.json"))]

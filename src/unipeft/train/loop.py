@@ -66,6 +66,7 @@ class TrainResult:
         total_params: parameters of the adapted model.
         trainable_percent: 100 · trainable / total.
         train_time_s: seconds in training steps (evaluation and loading excluded), over all resumed parts.
+        wall_time_s: seconds of this call of :func:`train`, loading and evaluation included.
         peak_rss_mib: the process's peak resident memory.
         output_dir: the run's folder.
         adapter_dir: the saved adapter.
@@ -78,6 +79,7 @@ class TrainResult:
     total_params: int
     trainable_percent: float
     train_time_s: float
+    wall_time_s: float
     peak_rss_mib: float
     output_dir: Path
     adapter_dir: Path
@@ -173,6 +175,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
 
 
 def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) -> TrainResult:
+    started = time.perf_counter()
     task = config.task_spec()
     out = Path(config.output_dir)
     ckpt = out / "checkpoint"
@@ -276,7 +279,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     peak = peak_rss_mib()
     result = TrainResult(metrics=final, main_metric=main, steps=state.step, trainable_params=summary.trainable,
                          total_params=summary.total, trainable_percent=summary.percent,
-                         train_time_s=state.train_time_s, peak_rss_mib=peak, output_dir=out, adapter_dir=adapter_dir)
+                         train_time_s=state.train_time_s, wall_time_s=time.perf_counter() - started,
+                         peak_rss_mib=peak, output_dir=out, adapter_dir=adapter_dir)
     _write_outputs(result, state, config, task, recipe, per_epoch)
     if has_checkpoint(ckpt):
         shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete; its outputs replace the checkpoint
@@ -291,6 +295,7 @@ def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, 
         "metrics": result.metrics, "steps": result.steps, "epochs": state.epoch + state.batch_in_epoch / per_epoch,
         "trainable_params": result.trainable_params, "total_params": result.total_params,
         "trainable_percent": result.trainable_percent, "train_time_s": state.train_time_s,
+        "wall_time_s": result.wall_time_s,
         "throughput": {"steps_per_s": state.step / seconds, "examples_per_s": state.examples / seconds,
                        "tokens_per_s": state.tokens / seconds},
         "peak_rss_mib": result.peak_rss_mib, "threads": torch.get_num_threads(),
