@@ -479,23 +479,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_transformers()
     torch.set_num_threads(args.threads)
     started, load_before = datetime.now(timezone.utc), os.getloadavg()
+    env = environment(sys.argv if argv is None else [sys.argv[0], *argv])
     results = []
     for name in args.model:
         kind, batch, seq = MODELS[name]
         setup = Setup(model=ModelSpec(name=name, kind=kind), batch=args.batch or batch, seq=args.seq or seq,
                       steps=args.steps, warmup=args.warmup, memory_steps=args.memory_steps, seed=args.seed,
                       threads=args.threads)
-        result = run_benchmark(setup, memory=args.memory, log=lambda m: print(m, file=sys.stderr, flush=True))
-        results.append(result)
-        print(report(result) + "\n", flush=True)
-    env = environment(sys.argv if argv is None else [sys.argv[0], *argv])
+        results.append(run_benchmark(setup, memory=args.memory, log=lambda m: print(m, file=sys.stderr, flush=True)))
+        print(report(results[-1]) + "\n", flush=True)
+        if args.out:  # after every model, so a run cut short keeps what it measured
+            data = {"benchmark": "lora_step", "started": started.isoformat(timespec="seconds"),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "load_average": {"start": load_before, "end": os.getloadavg()}, **env, "results": results}
+            write_json(args.out, data)
     print(f"{env['command']}\n{env['versions']}\n{env['machine']}\n"
           f"load average (1, 5, 15 min) at start {load_before}, at end {os.getloadavg()}")
     if args.out:
-        data = {"benchmark": "lora_step", "started": started.isoformat(timespec="seconds"),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "load_average": {"start": load_before, "end": os.getloadavg()}, **env, "results": results}
-        print(f"wrote {write_json(args.out, data)}")
+        print(f"wrote {args.out}")
     return 0
 
 

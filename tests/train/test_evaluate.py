@@ -17,7 +17,7 @@ LM = TaskSpec(name="toy_lm", kind="causal_lm", train_path="a", eval_path="b", pr
 def examples(n: int, seed: int, lm: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(rng.integers(3, 12))
         ids = rng.integers(3, 100, size=length).tolist()
         if lm:

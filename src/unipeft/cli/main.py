@@ -1,4 +1,4 @@
-"""The ``unipeft`` command line: train, eval, merge, methods, inspect.
+"""The ``unipeft`` command line: train, eval, merge, methods, inspect (and convert, see :mod:`unipeft.cli.convert`).
 
     unipeft train configs/sst2_lora.yaml [key=value ...]
     unipeft eval --model minilm --task sst2 --adapter runs/sst2_lora/adapter [--merged]
