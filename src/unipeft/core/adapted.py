@@ -25,6 +25,7 @@ from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
 from unipeft.core.site import DeltaSite, Placed
 
 if TYPE_CHECKING:
+    from unipeft.core.manage import AdapterInfo
     from unipeft.core.summary import ParamSummary
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,33 @@ class Peft:
         from unipeft.core.io import save_adapter
 
         return save_adapter(self, path, name)
+
+    # ------------------------------------------------------------------------------------------- many adapters
+    def load(self, path: str, name: str | None = None, *, activate: bool = False) -> "Peft":
+        """Load a saved adapter onto this model as adapter ``name`` (default: its saved name), next to the others;
+        inactive unless ``activate`` (then it joins the active ones). See :func:`unipeft.load_adapter`."""
+        from unipeft.core.io import load_adapter
+
+        return load_adapter(self.model, path, name, activate=activate)
+
+    def swap(self, name: str, path: str) -> None:
+        """Hot-swap: replace adapter ``name``'s weights in place from a saved adapter with the same deltas
+        (see :func:`unipeft.core.manage.swap_adapter`)."""
+        from unipeft.core.manage import swap_adapter
+
+        swap_adapter(self, name, path)
+
+    def adapters(self) -> "list[AdapterInfo]":
+        """Name, method, parameter counts, active and merged state of every adapter (see :class:`AdapterInfo`)."""
+        from unipeft.core.manage import list_adapters
+
+        return list_adapters(self)
+
+    def deactivate(self, *names: str) -> None:
+        """Stop running these adapters (default: all); the others stay active, in their order."""
+        for n in names:
+            self._check(n)
+        self.set_active(*[a for a in self.active if names and a not in names])
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Tell the active adapters' forms that optimizer step ``step`` of ``total_steps`` is done

@@ -143,14 +143,13 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
-                 activate: bool = True) -> Peft:
-    """Load an adapter saved by :func:`save_adapter` onto ``model`` (attaching it if needed).
+def read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter folder's config and tensors, checking the file's size and checksum and the base model.
 
     Raises:
         FileNotFoundError: for a missing folder or file.
         ValueError: if the base model does not match the one the adapter was trained on, or the weights file is
-            truncated, corrupted or does not hold the expected tensors.
+            truncated, corrupted or unreadable.
     """
     folder = Path(path)
     config = read_adapter_config(folder)
@@ -171,23 +170,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         state = load_file(str(weights))
     except SafetensorError as err:
         raise ValueError(f"cannot read {weights}: {err}") from err
+    return config, state
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+                 activate: bool = True) -> Peft:
+    """Load an adapter saved by :func:`save_adapter` onto ``model`` (attaching it if needed).
+
+    Raises:
+        FileNotFoundError: for a missing folder or file.
+        ValueError: if the base model does not match the one the adapter was trained on, or the weights file is
+            truncated, corrupted or does not hold the expected tensors.
+    """
+    folder = Path(path)
+    config, state = read_adapter(folder, model)
     name = name or config["adapter_name"]
     recipe = Recipe.from_dict(config["recipe"])
     existing = getattr(model, _HANDLE, None)
     peft = existing or Peft(model)
     peft.add(recipe, name)
     try:
-        _check_sites(peft, name, config["sites"])
+        check_sites(peft, name, config["sites"])
         _resize_forms(peft, name, state)
         own = peft.adapter_state_dict(name)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{weights} does not fit this model: missing tensors {missing[:5]}, "
-                             f"unexpected tensors {unexpected[:5]}")
-        for key, tensor in own.items():
-            if tuple(tensor.shape) != tuple(state[key].shape):
-                raise ValueError(f"tensor {key}: saved shape {tuple(state[key].shape)} but the model needs "
-                                 f"{tuple(tensor.shape)}")
+        check_state(own, state, folder)
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key])
@@ -201,6 +207,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return peft
 
 
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Check that the saved tensors ``state`` (read from ``source``) have exactly the keys and shapes of ``own``.
+
+    Raises:
+        ValueError: naming the missing or unexpected tensors, or the first tensor whose shape differs.
+    """
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {unexpected[:5]}")
+    for key, tensor in own.items():
+        if tuple(tensor.shape) != tuple(state[key].shape):
+            raise ValueError(f"tensor {key}: saved shape {tuple(state[key].shape)} but the model needs "
+                             f"{tuple(tensor.shape)}")
+
+
 def _resize_forms(peft: Peft, name: str, state: dict[str, torch.Tensor]) -> None:
     """Give forms whose tensor shapes depend on data (see ``Form.resize_``) the saved shapes before loading."""
     counters: dict[str, int] = {}
@@ -211,7 +233,12 @@ def _resize_forms(peft: Peft, name: str, state: dict[str, torch.Tensor]) -> None
         placed.form.resize_({k[len(prefix):]: v.shape for k, v in state.items() if k.startswith(prefix)})
 
 
-def _check_sites(peft: Peft, name: str, saved: list[dict[str, Any]]) -> None:
+def check_sites(peft: Peft, name: str, saved: list[dict[str, Any]]) -> None:
+    """Check that adapter ``name`` sits on the modules (and base weight shapes) listed in a saved config's ``sites``.
+
+    Raises:
+        ValueError: naming the first site that differs.
+    """
     now = [(r.site.module, list(r.base_shape)) for r in peft.records[name]]
     then = [(s["module"], s["base_shape"]) for s in saved]
     if now != then:
@@ -219,4 +246,4 @@ def _check_sites(peft: Peft, name: str, saved: list[dict[str, Any]]) -> None:
         raise ValueError(f"the adapter's sites do not match this model: saved {diff[0]} vs model {diff[1]}")
 
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "fingerprint", "atomic_write_dir"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "read_adapter_config", "fingerprint", "atomic_write_dir"]
