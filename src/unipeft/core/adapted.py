@@ -316,6 +316,14 @@ class Peft:
 
         return list_adapters(self)
 
+    def combine(self, adapters: "list[str]", weights: "list[float] | None" = None, *, method: str = "cat",
+                new_name: str = "combined", **options) -> "Peft":
+        """Add ``new_name``, a LoRA combining ``adapters`` (cat, linear, svd, ties, dare_*, magnitude_prune, ...;
+        see :func:`unipeft.core.combine.combine` for the methods and ``options``)."""
+        from unipeft.core.combine import combine
+
+        return combine(self, adapters, weights, method=method, new_name=new_name, **options)
+
     def deactivate(self, *names: str) -> None:
         """Stop running these adapters (default: all); the others stay active, in their order."""
         for n in names:

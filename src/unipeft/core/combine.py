@@ -1,0 +1,273 @@
+"""Combining adapters into a new named LoRA adapter (Hugging Face peft's ``add_weighted_adapter``, same semantics).
+
+At every site, adapter i contributes ΔW_i = s_i B_i A_i (LoRA, s_i = α_i/r_i or α_i/√r_i, times a ``scaled``
+composition's s) with weight w_i. The new adapter is a plain LoRA with α = r, so its scaling is 1 and ΔW = B A:
+
+* ``cat``:     A = [w_1 s_1 A_1; …; w_n s_n A_n] (rows),  B = [B_1 … B_n] (columns)
+               ⇒ B A = Σ_i w_i s_i B_i A_i exactly; rank Σ_i r_i.
+* ``linear``:  A = Σ_i sgn(c_i)·√|c_i|·A_i,  B = Σ_i √|c_i|·B_i  with c_i = w_i s_i (equal ranks r)
+               ⇒ B A = Σ_i c_i B_i A_i + cross terms √|c_i c_j| B_i A_j: a cheap approximation, exact for one adapter.
+* ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: as ``linear``, with the sum over A_i and over B_i
+  replaced by TIES / DARE / magnitude pruning (:mod:`unipeft.core.combine_ops`) of the factors, weights √|c_i| as
+  above — the factors, not ΔW, are trimmed, dropped and sign-elected.
+* ``svd``:     τ = Σ_i w_i ΔW_i; B = U_r diag(S_r), A = V_rᵀ from the truncated SVD of τ (the best rank-r
+               approximation, Eckart–Young); r = ``svd_rank`` or the largest input rank.
+* ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: τ = TIES / DARE / pruning of the full
+  ΔW_i with weights w_i, then the truncated SVD.
+
+Papers: task arithmetic (Ilharco et al. 2023, arXiv 2212.04089), TIES-merging (Yadav et al. 2023, arXiv 2306.01708),
+DARE (Yu et al. 2023, arXiv 2311.03099). Factor methods take LoRA deltas (rsLoRA too); the SVD methods take any
+delta exposing ``delta_weight()`` (AdaLoRA, DoRA at the current base, LoHa, LoKr, VeRA, sparse deltas). Weights may be
+negative (subtracting a task); ``weights=None`` averages (w_i = 1/n). See docs/combining.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from unipeft.core.adapted import Peft, PlacedRecord
+from unipeft.core.combine_ops import SignMethod, merge_tensors, svd_factors
+from unipeft.core.recipe import DeltaSpec, Recipe
+from unipeft.core.site import Placed, base_named_modules
+from unipeft.methods.lora import LoRA, LoRAConfig
+
+log = logging.getLogger(__name__)
+
+Method = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+FACTOR_METHODS: tuple[str, ...] = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_METHODS: tuple[str, ...] = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+METHODS: tuple[str, ...] = FACTOR_METHODS + SVD_METHODS
+DENSITY_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ("linear", "cat", "svd"))
+SUPPORTED = ("factor methods (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) take LoRA deltas (rsLoRA "
+             "too); svd and the *_svd methods also take any delta with a weight delta (AdaLoRA, DoRA, LoHa, LoKr, "
+             "VeRA, sparse); all must be inserted in parallel on a module with composition add or scaled")
+Key = tuple[str, "tuple[int, int] | None"]  # (site module, output slice)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombineConfig:
+    """How to combine adapters.
+
+    Attributes:
+        method: one of :data:`METHODS` (see the module docstring).
+        density: ρ ∈ (0, 1], the fraction of entries kept by the TIES, DARE and magnitude-pruning methods.
+        svd_rank: rank of the result of the SVD methods (default: the largest input rank).
+        svd_clamp: q ∈ (0, 1]: clamp the SVD factors to their q-quantile magnitude (None: no clamping).
+        majority_sign: TIES's sign election, by ``total`` mass or by ``frequency``.
+        seed: seed of DARE's random masks (None: torch's global generator).
+    """
+
+    method: Method = "cat"
+    density: float | None = None
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    majority_sign: SignMethod = "total"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown combination method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.method in DENSITY_METHODS and self.density is None:
+            raise ValueError(f"method '{self.method}' needs a density in (0, 1] (the fraction of entries kept)")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if (self.svd_rank is not None or self.svd_clamp is not None) and self.method not in SVD_METHODS:
+            raise ValueError(f"svd_rank and svd_clamp apply to the SVD methods ({', '.join(SVD_METHODS)}), "
+                             f"not to '{self.method}'")
+        if self.svd_rank is not None and self.svd_rank < 1:
+            raise ValueError(f"svd_rank must be >= 1, got {self.svd_rank}")
+        if self.svd_clamp is not None and not 0.0 < self.svd_clamp <= 1.0:
+            raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {self.svd_clamp}")
+        if self.majority_sign not in ("total", "frequency"):
+            raise ValueError(f"unknown majority_sign {self.majority_sign!r}; valid: total, frequency")
+
+
+def combine(peft: Peft, adapters: Sequence[str], weights: Sequence[float] | None = None, *,
+            method: Method = "cat", new_name: str = "combined", density: float | None = None,
+            svd_rank: int | None = None, svd_clamp: float | None = None, majority_sign: SignMethod = "total",
+            seed: int | None = None, generator: torch.Generator | None = None) -> Peft:
+    """Add adapter ``new_name``, a LoRA combining ``adapters`` with ``weights`` (inactive, like :meth:`Peft.add`).
+
+    Args:
+        peft: the model's handle.
+        adapters: names of the adapters to combine (at least one).
+        weights: one weight per adapter, may be negative; None for the average (1/n each).
+        method, density, svd_rank, svd_clamp, majority_sign, seed: see :class:`CombineConfig`.
+        generator: the generator of DARE's masks (overrides ``seed``).
+
+    Returns:
+        ``peft``, with the new adapter.
+
+    Raises:
+        ValueError: for an unknown or repeated adapter, an existing ``new_name``, a weight count that differs, bad
+            options, a delta this method cannot take (the message names it and what is supported), or factor
+            methods other than ``cat`` on adapters of different ranks at a site.
+    """
+    config = CombineConfig(method=method, density=density, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                           majority_sign=majority_sign, seed=seed)
+    adapters = list(adapters)
+    unknown = [a for a in adapters if a not in peft.recipes]
+    if not adapters or unknown or len(set(adapters)) != len(adapters):
+        raise ValueError(f"adapters to combine must be distinct existing ones, got {adapters}; existing adapters: "
+                         f"{', '.join(peft.recipes) or '(none)'}")
+    if new_name in peft.recipes:
+        raise ValueError(f"adapter '{new_name}' already exists; choose another new_name")
+    weights = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    sites = _collect(peft, adapters, config.method)
+    if generator is None and config.seed is not None:
+        device = next(p for entries in sites.values() for e in entries.values() for p in e[0][1].parameters()).device
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    rank = _svd_rank(sites, config) if config.method in SVD_METHODS else 0
+    factors = {key: _combine_site(entries, dict(zip(adapters, weights)), config, rank, generator)
+               for key, entries in sites.items()}
+    peft.add(_recipe(peft, sites, factors, adapters, weights, config), new_name)
+    try:
+        _write(peft, new_name, factors)
+    except BaseException:
+        peft.remove(new_name)
+        raise
+    log.info("combined %s with weights %s by '%s' into adapter '%s'", adapters, weights, config.method, new_name)
+    return peft
+
+
+def _pairs(peft: Peft, name: str) -> list[tuple[PlacedRecord, Placed]]:
+    """(record, placed delta) of every delta of adapter ``name``."""
+    records: dict[str, list[PlacedRecord]] = {}
+    for record in peft.records[name]:
+        records.setdefault(record.site.module, []).append(record)
+    return [(records[module].pop(0), placed) for module, placed in peft.delta_modules(name)]
+
+
+def _collect(peft: Peft, adapters: list[str], method: str) -> dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]]:
+    """Site → adapter → its deltas there, checked for ``method``; sites in the model's module order."""
+    order = {name: i for i, (name, _) in enumerate(base_named_modules(peft.model))}
+    merged = set(peft.merged)
+    sites: dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]] = {}
+    for adapter in adapters:
+        for record, placed in _pairs(peft, adapter):
+            problem = _problem(placed, method, merged=adapter in merged)
+            if problem:
+                raise ValueError(f"cannot combine adapter '{adapter}' with method '{method}': its "
+                                 f"{type(placed.form).__name__} at {record.site.module} {problem}; {SUPPORTED}")
+            key = (record.site.module, record.site.out_slice)
+            sites.setdefault(key, {}).setdefault(adapter, []).append((record, placed))
+            if method in FACTOR_METHODS and len(sites[key][adapter]) > 1:
+                raise ValueError(f"cannot combine adapter '{adapter}' with method '{method}': it places several "
+                                 f"deltas at {record.site.module}; use an SVD method, which sums them")
+    return dict(sorted(sites.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1] or (0, 0))))
+
+
+def _problem(placed: Placed, method: str, *, merged: bool) -> str | None:
+    """Why ``method`` cannot take this delta (None if it can)."""
+    if placed.insertion != "parallel" or placed.source != "module":
+        return f"is inserted '{placed.insertion}' on its {placed.source}, not as a parallel weight delta"
+    if type(placed.compose).__name__ not in ("Add", "Scaled"):
+        return f"has composition '{type(placed.compose).__name__.lower()}', whose input-dependent gate has no weight"
+    form = placed.form
+    if isinstance(form, LoRA) and form.rewrite is not None:
+        return "rewrites the base weight (PiSSA/OLoRA init), so its factors are not its delta"
+    if method in FACTOR_METHODS and not isinstance(form, LoRA):
+        return "has no LoRA factors A, B"
+    if not callable(getattr(form, "delta_weight", None)):
+        return "exposes no delta weight"
+    if merged and not isinstance(form, LoRA):
+        return "is merged (its delta weight is read at the unmerged base); unmerge it first"
+    return None
+
+
+def _scale(placed: Placed) -> float:
+    """The composition's scale s (1 for ``add``)."""
+    return float(getattr(placed.compose, "scale", 1.0))
+
+
+def _svd_rank(sites: dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]], config: CombineConfig) -> int:
+    if config.svd_rank is not None:
+        return config.svd_rank
+    ranks = [p.form.lora_A.shape[0] for entries in sites.values() for e in entries.values() for _, p in e
+             if isinstance(getattr(p.form, "lora_A", None), torch.Tensor)]
+    if not ranks:
+        raise ValueError(f"method '{config.method}' needs svd_rank: none of these deltas has a LoRA rank to default to")
+    return max(ranks)
+
+
+def _combine_site(entries: dict[str, list[tuple[PlacedRecord, Placed]]], weights: dict[str, float],
+                  config: CombineConfig, rank: int, generator: torch.Generator | None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """(B, A) of the combined LoRA at one site (scaling 1)."""
+    names = list(entries)
+    placed = {a: [p for _, p in entries[a]] for a in names}
+    options = dict(density=config.density or 1.0, majority_sign=config.majority_sign, generator=generator)
+    if config.method in SVD_METHODS:
+        deltas = [sum(_scale(p) * p.form.delta_weight().detach().float() for p in placed[a]) for a in names]
+        task = "linear" if config.method == "svd" else config.method[: -len("_svd")]
+        total = merge_tensors(task, deltas, [weights[a] for a in names], **options)
+        return svd_factors(total, rank, clamp=config.svd_clamp)
+    forms = [placed[a][0].form for a in names]
+    coefs = [weights[a] * _scale(placed[a][0]) * f.scaling for a, f in zip(names, forms)]
+    a_list = [f.lora_A.detach().float() for f in forms]
+    b_list = [f.lora_B.detach().float() for f in forms]
+    if config.method == "cat":
+        return torch.cat(b_list, dim=1), torch.cat([c * a for c, a in zip(coefs, a_list)], dim=0)
+    ranks = sorted({a.shape[0] for a in a_list})
+    if len(ranks) > 1:
+        module = entries[names[0]][0][0].site.module
+        raise ValueError(f"method '{config.method}' needs equal LoRA ranks at each site; at {module} adapters "
+                         f"{names} have ranks {[a.shape[0] for a in a_list]} (use 'cat' or an SVD method)")
+    roots = [math.sqrt(abs(c)) for c in coefs]
+    a_new = merge_tensors(config.method, a_list, [math.copysign(r, c) for r, c in zip(roots, coefs)], **options)
+    b_new = merge_tensors(config.method, b_list, roots, **options)
+    return b_new, a_new
+
+
+def _recipe(peft: Peft, sites: dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]],
+            factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], adapters: list[str], weights: list[float],
+            config: CombineConfig) -> Recipe:
+    """A LoRA recipe (α = r) placing one delta at exactly these sites: grouped by position, stack, rank, dropout."""
+    groups: dict[tuple, list[PlacedRecord]] = {}
+    for key, entries in sites.items():
+        adapter, pairs = next(iter(entries.items()))
+        record = pairs[0][0]
+        dropout = float(getattr(peft.recipes[adapter].deltas[record.spec_index].form, "dropout", 0.0))
+        rank = factors[key][1].shape[0]
+        groups.setdefault((record.site.position, record.site.stack, rank, dropout), []).append(record)
+    deltas = []
+    for (position, stack, rank, dropout), records in groups.items():
+        form = LoRAConfig(r=rank, alpha=float(rank), dropout=dropout)
+        if position == "module":  # raw module patterns: one exact-name regular expression
+            modules = "|".join(re.escape(r.site.module) for r in records)
+            deltas.append(DeltaSpec(form=form, modules=modules))
+        else:
+            layers = sorted({r.site.layer for r in records if r.site.layer is not None})
+            deltas.append(DeltaSpec(form=form, positions=(position,), layers=tuple(layers) if layers else None,
+                                    stacks=(stack,) if stack else None))
+    terms = " + ".join(f"{w:g}*{a}" for a, w in zip(adapters, weights))
+    return Recipe(name=f"combined-{config.method}", family="reparameterized",
+                  paper="add_weighted_adapter semantics; TIES: arXiv 2306.01708, DARE: arXiv 2311.03099",
+                  description=f"{config.method} of {terms}", deltas=tuple(deltas))
+
+
+def _write(peft: Peft, name: str, factors: dict[Key, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy the combined factors into the new adapter's LoRA deltas, checking it sits exactly on those sites."""
+    placed = {}
+    for record, p in _pairs(peft, name):
+        key = (record.site.module, record.site.out_slice)
+        if key in placed:
+            raise RuntimeError(f"the combined adapter's recipe placed two deltas at {key[0]}")
+        placed[key] = p
+    if set(placed) != set(factors):
+        raise RuntimeError(f"the combined adapter's recipe resolved to other sites: "
+                           f"{sorted(set(placed) ^ set(factors), key=str)[:5]}")
+    with torch.no_grad():
+        for key, (b, a) in factors.items():
+            form = placed[key].form
+            form.lora_A.copy_(a)
+            form.lora_B.copy_(b)
