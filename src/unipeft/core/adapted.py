@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from unipeft.core.site import DeltaSite, Placed
 
 if TYPE_CHECKING:
     from unipeft.core.manage import AdapterInfo
+    from unipeft.core.mixed import MixedBatch
     from unipeft.core.summary import ParamSummary
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,21 @@ class Peft:
         for n in names:
             self._check(n)
         self.set_active(*[a for a in self.active if names and a not in names])
+
+    def mixed_batch(self, adapter_names: "Sequence[str | None]") -> "MixedBatch":
+        """A context in which row b of every batch runs with adapter ``adapter_names[b]`` (None: the base model), in
+        one forward pass, for inference and ``generate`` (see :mod:`unipeft.core.mixed`)::
+
+            with peft.mixed_batch(["a", None, "b"]):
+                logits = model(**batch).logits
+
+        Raises:
+            ValueError: for an unknown name, a merged adapter or a delta that cannot run per row (see
+                :class:`~unipeft.core.mixed.MixedBatch`).
+        """
+        from unipeft.core.mixed import MixedBatch
+
+        return MixedBatch(self, adapter_names)
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Tell the active adapters' forms that optimizer step ``step`` of ``total_steps`` is done

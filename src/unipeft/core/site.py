@@ -140,6 +140,8 @@ class DeltaSite(nn.Module):
         self._replace: Placed | None = None
         #: running sequence-level deltas (prefix, prompt): read by unipeft.core.seq, not run in forward
         self.sequence: list[Placed] = []
+        #: while a mixed batch runs (unipeft.core.mixed): the per-row plan that forward calls instead
+        self.mixed: Callable[..., object] | None = None
 
     # Some model code reads a projection's weight directly (T5 checks ``wo.weight.dtype``); expose the base's.
     @property
@@ -210,6 +212,8 @@ class DeltaSite(nn.Module):
         self.captured = args[0] if args else kwargs["hidden_states"]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):  # noqa: D401 - same signature as the base module
+        if self.mixed is not None:
+            return self.mixed(x, *args, **kwargs)
         if self._replace is not None:
             h = self._replace.form(x, *args, **kwargs)
         elif self._pre:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.core.mixed.factors import LowRank
 
 if TYPE_CHECKING:
     from unipeft.core.adapted import Peft
@@ -128,6 +129,10 @@ class AdaLoRA(Form):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(self.dropout(x), self.lora_A * self.lora_E), self.lora_B) * self.scaling
+
+    def mixed_factors(self) -> LowRank:
+        """Δ = (s·P)(diag(E) Q) x, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        return LowRank(A=self.lora_A * self.lora_E, B=self.lora_B * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = P diag(E) Q · α/(r₀ + 1e-5), shape (d_out, d_in)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.core.mixed.factors import Affine
 
 
 @register_form("bias")
@@ -34,6 +35,10 @@ class BiasDelta(Form):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bias
+
+    def mixed_factors(self) -> Affine:
+        """Δ = Δb, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        return Affine(shift=self.bias)
 
     def merge_problem(self, base: nn.Module) -> str | None:
         return None if isinstance(getattr(base, "bias", None), torch.Tensor) else "the base module has no bias to merge into"

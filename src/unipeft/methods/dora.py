@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.core.mixed.factors import LowRank
 from unipeft.methods.lora_init import site_weight
 
 
@@ -92,6 +93,13 @@ class DoRA(Form):
         factor = self._factor(weight)
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (B, T, d_out)
         return (factor - 1) * F.linear(x, weight) + factor * lora * self.scaling
+
+    def mixed_factors(self) -> LowRank:
+        """Δ = (f − 1) ⊙ W x + (f·s) ⊙ B A x as a low-rank term plus a gain on W x, for mixed batches."""
+        weight = self.site.tensor().detach()
+        factor = self._factor(weight).detach()
+        return LowRank(A=self.lora_A, B=(factor * self.scaling)[:, None] * self.lora_B, base_gain=factor - 1,
+                       base_weight=weight)
 
     def delta_weight(self) -> torch.Tensor:
         """The effective ΔW = (f − 1) ⊙ W + f ⊙ s·B A at the current base weight, shape (d_out, d_in)."""

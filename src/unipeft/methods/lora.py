@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.core.mixed.factors import LowRank
 from unipeft.methods.lora_init import BASE_INITS, BaseRewrite, site_weight
 
 
@@ -86,6 +87,10 @@ class LoRA(Form):
         if self.embedding:  # x: token ids (B, T)
             return (F.embedding(x, self.lora_A.T) * self.scaling) @ self.lora_B.T
         return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)  # (B, T, d_out)
+
+    def mixed_factors(self) -> LowRank:
+        """Δ = B' A with B' = (α/r)·B, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        return LowRank(A=self.lora_A, B=self.lora_B * self.scaling, embedding=self.embedding)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A, shape (d_out, d_in)."""

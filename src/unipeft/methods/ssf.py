@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
+from unipeft.core.mixed.factors import Affine
 
 
 @register_form("ssf")
@@ -60,6 +61,10 @@ class SSF(Form):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         delta = h * (self.scale - 1.0)  # (..., d_out)
         return delta + self.shift if self.shift is not None else delta
+
+    def mixed_factors(self) -> Affine:
+        """Δ(h) = (γ − 1) ⊙ h + β, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        return Affine(gain=self.scale - 1.0, shift=self.shift)
 
     @property
     def mergeable(self) -> bool:
