@@ -3,6 +3,7 @@
     unipeft train configs/sst2_lora.yaml [key=value ...]
     unipeft eval --model minilm --task sst2 --adapter runs/sst2_lora/adapter [--merged]
     unipeft merge --model minilm --task sst2 --adapter runs/sst2_lora/adapter --out merged/
+    unipeft combine --model minilm --adapter a/ --adapter b/ --weights 0.7 0.3 --method cat --out ab/
     unipeft methods
     unipeft inspect llama-7b --method lora
 
@@ -16,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from unipeft.cli import convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
+from unipeft.cli import combine_cmd, convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
 
 EXIT_USAGE = 2
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train_cmd, eval_cmd, merge_cmd, methods_cmd, inspect_cmd, convert):
+    for module in (train_cmd, eval_cmd, merge_cmd, methods_cmd, inspect_cmd, convert, combine_cmd):
         module.add_parser(subparsers)
     return parser
 
