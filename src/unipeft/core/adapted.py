@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from unipeft.core.compose import build_composition
 from unipeft.core.delta import SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
+from unipeft.core.quant import weight_shape
+from unipeft.core.safe_merge import DEFAULT_TOLERANCE
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
 from unipeft.core.site import DeltaSite, Placed
@@ -121,9 +123,7 @@ class Peft:
         return sites
 
     def _base_shape(self, module: str) -> tuple[int, ...]:
-        base = self._original(module)
-        weight = getattr(base, "weight", None)
-        return tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        return weight_shape(self._original(module))  # (out, in) also for a packed quantized weight
 
     def _original(self, module: str) -> nn.Module:
         return self._sites[module].base if module in self._sites else self.model.get_submodule(module)
@@ -206,11 +206,24 @@ class Peft:
             raise ValueError(f"unknown adapter '{name}'; existing adapters: {', '.join(self.recipes) or '(none)'}")
 
     # ------------------------------------------------------------------------------------------------ merging
-    def merge(self, *names: str) -> None:
+    def merge(self, *names: str, check: bool = False, tolerance: float = DEFAULT_TOLERANCE,
+              probe: Mapping[str, Any] | torch.Tensor | None = None) -> dict[str, float]:
         """Fold adapters (default: the active ones) into the base weights, for zero-overhead inference.
+
+        A quantized base (bitsandbytes 4/8-bit) is dequantized, summed and requantized, which rounds the merge.
+
+        Args:
+            check: compare outputs before and after on probe inputs, and undo the merge if they differ by more
+                than ``tolerance`` (see :mod:`unipeft.core.safe_merge`).
+            tolerance: the largest max-abs output difference a checked merge accepts.
+            probe: an input of the whole model (dict of keyword arguments, or a tensor) to check too; implies check.
+
+        Returns:
+            With a check: the max abs output difference per probed site (and ``"model"``); else an empty dict.
 
         Raises:
             NotImplementedError: if a delta of the adapter is not linear in the weight (nothing is changed then).
+            unipeft.core.safe_merge.MergeCheckError: (a ValueError) if a checked merge fails (it is undone).
         """
         names = names or tuple(self.active)
         for name in names:
@@ -221,9 +234,14 @@ class Peft:
                 raise NotImplementedError(f"adapter '{name}' cannot be merged: {'; '.join(problems[:5])}"
                                           f"{' ...' if len(problems) > 5 else ''} — these deltas are not linear in the "
                                           "base weight; keep them unmerged")
+        if check or probe is not None:
+            from unipeft.core.safe_merge import checked_merge
+
+            return checked_merge(self, list(names), tolerance=tolerance, probe=probe)
         for name in names:
             for module in dict.fromkeys(r.site.module for r in self.records[name]):
                 self._sites[module].merge(name)
+        return {}
 
     def unmerge(self, *names: str) -> None:
         """Undo :meth:`merge` for these adapters (default: all merged ones)."""

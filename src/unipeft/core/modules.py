@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unipeft.core.quant import quant_scheme
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2), a linear layer whose weight is stored as (in, out)."""
@@ -31,7 +33,15 @@ def module_dims(module: nn.Module) -> tuple[int | None, int]:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an (out, in) view (transposed view for Conv1D); writes go to the module."""
+    """The module's weight as an (out, in) view (transposed view for Conv1D); writes go to the module.
+
+    Raises:
+        TypeError: for a quantized weight, which has no float view (see :mod:`unipeft.core.quant`).
+    """
+    scheme = quant_scheme(module)
+    if scheme is not None:
+        raise TypeError(f"{type(module).__name__} holds a quantized weight ({scheme.name}) with no float view to "
+                        "write into; dequantize it (unipeft.core.quant)")
     if is_conv1d(module):
         return module.weight.data.T
     if isinstance(module, nn.Embedding):

@@ -21,6 +21,7 @@ from torch import nn
 
 from unipeft.core.delta import Form
 from unipeft.core.modules import weight_out_in
+from unipeft.core.quant import QuantizedOriginal, is_quantized, refold_quantized
 
 Insertion = Literal["parallel", "sequential", "multiplicative", "multiplicative_input", "replace", "sequence"]
 INSERTIONS: tuple[str, ...] = ("parallel", "sequential", "multiplicative", "multiplicative_input", "replace",
@@ -72,13 +73,18 @@ class Placed(nn.Module):
         Raises:
             NotImplementedError: if the placement is not mergeable (see :attr:`mergeable`).
         """
-        if not self.mergeable:
-            raise NotImplementedError(
-                f"{type(self.form).__name__} with insertion '{self.insertion}' and composition "
-                f"'{type(self.compose).__name__.lower()}' is not linear in the base weight and cannot be merged")
-        weight = weight_out_in(base)
+        self._check_mergeable()
         bias = getattr(base, "bias", None)
-        bias = bias.data if isinstance(bias, torch.Tensor) else None
+        self.fold_(weight_out_in(base), bias.data if isinstance(bias, torch.Tensor) else None, sign)
+
+    def fold_(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: int) -> None:
+        """Fold (sign=+1) or unfold (sign=-1) this delta into a float (out, in) ``weight`` and ``bias``, in place
+        (the base module's own, or a dequantized copy of a quantized one: see :mod:`unipeft.core.quant`).
+
+        Raises:
+            NotImplementedError: if the placement is not mergeable (see :attr:`mergeable`).
+        """
+        self._check_mergeable()
         if self.out_slice is not None:
             start, stop = self.out_slice
             weight = weight[start:stop]
@@ -87,6 +93,11 @@ class Placed(nn.Module):
         with torch.no_grad():
             self.form.merge_(weight, bias, insertion=self.insertion, scale=scale, sign=sign)
 
+    def _check_mergeable(self) -> None:
+        if not self.mergeable:
+            raise NotImplementedError(
+                f"{type(self.form).__name__} with insertion '{self.insertion}' and composition "
+                f"'{type(self.compose).__name__.lower()}' is not linear in the base weight and cannot be merged")
 
     def merge_problem(self, base: nn.Module) -> str | None:
         """Why this delta cannot be folded into ``base`` (None if it can)."""
@@ -134,6 +145,8 @@ class DeltaSite(nn.Module):
         self.adapters = nn.ModuleDict()
         self.captured: torch.Tensor | None = None
         self.merged: list[str] = []
+        #: a quantized base's own weight while adapters are merged into it (see unipeft.core.quant)
+        self.quant_original: QuantizedOriginal | None = None
         self._active: list[str] = []
         self._pre: list[Placed] = []
         self._post: list[Placed] = []
@@ -187,17 +200,25 @@ class DeltaSite(nn.Module):
         for p in placed:
             if not p.mergeable and p.insertion != "replace":
                 p.merge_(self.base, +1)  # raises the explanatory NotImplementedError
-        for p in placed:
-            if p.insertion == "replace":
-                p.form.swap_(self.base)
-            else:
-                p.merge_(self.base, +1)
+        if self.quant_original is not None or is_quantized(self.base):  # dequantize, add, requantize
+            refold_quantized(self, [*self.merged, adapter])
+        else:
+            for p in placed:
+                if p.insertion == "replace":
+                    p.form.swap_(self.base)
+                else:
+                    p.merge_(self.base, +1)
         self.merged.append(adapter)
         self.set_active(self._active)
 
     def unmerge(self, adapter: str) -> None:
         """Undo :meth:`merge` (exact up to float rounding)."""
         if adapter not in self.merged:
+            return
+        if self.quant_original is not None:  # recompute from the base's own codes: exact once nothing is merged
+            refold_quantized(self, [a for a in self.merged if a != adapter])
+            self.merged.remove(adapter)
+            self.set_active(self._active)
             return
         for p in reversed(list(self.adapters[adapter])):
             if p.insertion == "replace":

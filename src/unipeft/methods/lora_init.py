@@ -26,6 +26,7 @@ from torch import nn
 
 from unipeft.core.delta import SiteShape
 from unipeft.core.modules import is_conv1d
+from unipeft.core.quant import quant_scheme
 
 BaseInit = Literal["pissa", "olora"]
 BASE_INITS: tuple[str, ...] = ("pissa", "olora")
@@ -57,10 +58,14 @@ def site_weight(shape: SiteShape, method: str) -> SiteWeight:
     """The base weight rows of the site described by ``shape``, for a form that reads or rewrites them.
 
     Raises:
-        ValueError: if the base is not a Linear/Conv1D, or the site modifies a slice of a fused projection (GPT-2's
-            ``attn.q``) and the core did not say which slice.
+        ValueError: if the base is not a Linear/Conv1D or is quantized, or the site modifies a slice of a fused
+            projection (GPT-2's ``attn.q``) and the core did not say which slice.
     """
     base = shape.base
+    scheme = quant_scheme(base)
+    if scheme is not None:
+        raise ValueError(f"{method} reads the base weight, which is quantized here ({type(base).__name__}, "
+                         f"{scheme.name}); use plain LoRA on a quantized base (QLoRA)")
     if not (isinstance(base, nn.Linear) or is_conv1d(base)) or shape.d_in is None:
         raise ValueError(f"{method} needs a linear base module (Linear or Conv1D), got {type(base).__name__}")
     weight = base.weight.T if is_conv1d(base) else base.weight

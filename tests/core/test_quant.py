@@ -1,0 +1,192 @@
+"""Quantized bases (bitsandbytes 4-bit NF4 and 8-bit LLM.int8() on CPU): QLoRA attaches, trains and merges.
+
+The merge references are computed here straight from bitsandbytes' functional API: Q(Deq(Q(W₀)) + Σ ΔW).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unipeft
+from unipeft.core.quant import is_quantized, weight_shape
+from unipeft.core.safe_merge import MergeCheckError
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+BITS = (4, 8)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> str:
+    """A random LLaMA of width 64 saved as a Hugging Face folder (4-bit blocks of 64 need widths of 64)."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("llama64")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def load(folder: str, bits: int | None) -> torch.nn.Module:
+    """The model, quantized with bitsandbytes through transformers' own loading path (None: float32)."""
+    kwargs = {}
+    if bits == 4:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    elif bits == 8:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu", **kwargs)
+    return model.eval()
+
+
+def ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize(peft, name: str | None = None, std: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, placed in peft.delta_modules(name):
+            for p in placed.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def codes(module: torch.nn.Module) -> torch.Tensor:
+    return module.weight.data.clone()
+
+
+def reference_codes(module: torch.nn.Module, weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """bitsandbytes' own quantization of a float (out, in) weight, as the layer would store it."""
+    if bits == 4:
+        old = module.weight
+        return bnb.functional.quantize_4bit(weight, blocksize=old.blocksize, quant_type=old.quant_type,
+                                            compress_statistics=old.compress_statistics,
+                                            quant_storage=old.quant_storage)[0]
+    return bnb.functional.int8_vectorwise_quant(weight.half())[0]
+
+
+def dequantized(module: torch.nn.Module, bits: int) -> torch.Tensor:
+    weight = module.weight
+    if bits == 4:
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    scales = weight.SCB if weight.SCB is not None else module.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
+
+
+def q_proj(model: torch.nn.Module) -> torch.nn.Module:
+    """Layer 0's query projection as the base model holds it (through a DeltaSite when adapted)."""
+    module = model.model.layers[0].self_attn.q_proj
+    return getattr(module, "base", module)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_qlora_positions_resolve_through_quantized_layers(llama_folder, bits):
+    model = load(llama_folder, bits)
+    before = model(input_ids=ids()).logits
+    peft = unipeft.attach(model, "lora", r=4)
+    record = peft.records["default"][0]
+    base = peft.model.get_submodule(record.site.module).base
+    assert is_quantized(base) and type(base).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    assert record.base_shape == weight_shape(base) == (base.out_features, base.in_features)
+    assert {r.site.position for r in peft.records["default"]} == {"attn.q", "attn.v"}
+    torch.testing.assert_close(model(input_ids=ids()).logits, before, rtol=0, atol=0)  # B = 0 at init
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_qlora_trains_the_adapter_only(llama_folder, bits):
+    model = load(llama_folder, bits)
+    peft = unipeft.attach(model, "lora", r=4)
+    base_before = {k: v.clone() for k, v in peft.base_state_dict().items()}
+    lora_before = {k: v.clone() for k, v in peft.adapter_state_dict("default").items()}
+    optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=1e-2)
+    batch = ids()
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    for key, tensor in peft.base_state_dict().items():
+        assert torch.equal(tensor, base_before[key]), key
+    assert all(not torch.equal(v, lora_before[k]) for k, v in peft.adapter_state_dict("default").items()
+               if k.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_merge_is_requantized_sum_and_unmerge_restores_codes(llama_folder, bits):
+    model = load(llama_folder, bits)
+    original = codes(q_proj(model))
+    w0 = dequantized(q_proj(model), bits)
+    peft = unipeft.attach(model, "lora", r=4)
+    peft.add("lora", "b", r=4)
+    randomize(peft, seed=1)
+    delta = {n: next(p for m, p in peft.delta_modules(n) if m.endswith("layers.0.self_attn.q_proj")).form
+             for n in ("default", "b")}
+
+    peft.merge("default")
+    expected = reference_codes(q_proj(model), w0 + delta["default"].delta_weight().detach(), bits)
+    assert torch.equal(codes(q_proj(model)), expected)
+
+    peft.merge("b")  # no accumulated rounding: recomputed from the original codes
+    both = w0 + delta["default"].delta_weight().detach() + delta["b"].delta_weight().detach()
+    assert torch.equal(codes(q_proj(model)), reference_codes(q_proj(model), both, bits))
+
+    peft.unmerge("default")
+    only_b = w0 + delta["b"].delta_weight().detach()
+    assert torch.equal(codes(q_proj(model)), reference_codes(q_proj(model), only_b, bits))
+
+    peft.unmerge()
+    assert peft.merged == []
+    assert torch.equal(codes(q_proj(model)), original)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_checked_merge_measures_rounding_and_undoes_on_failure(llama_folder, bits):
+    model = load(llama_folder, bits)
+    peft = unipeft.attach(model, "lora", r=4)
+    randomize(peft)
+    batch = {"input_ids": ids(3)}
+    unmerged = model(**batch).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.raises(MergeCheckError, match="tolerance") as failed:
+        peft.merge(check=True, tolerance=1e-6, probe=batch)
+    assert peft.merged == []
+    assert failed.value.errors["model"] > 1e-6  # quantization makes the merge inexact
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[key]), key
+
+    errors = peft.merge(check=True, tolerance=10.0, probe=batch)
+    assert peft.merged == ["default"]
+    merged = model(**batch).logits
+    assert errors["model"] == pytest.approx((merged - unmerged).abs().max().item(), rel=1e-5)
+    assert 0 < errors["model"] < 0.5
+
+
+def test_forms_that_read_the_base_weight_are_refused(llama_folder):
+    model = load(llama_folder, 4)
+    with pytest.raises(ValueError, match="quantized"):
+        unipeft.attach(model, "dora")
+    with pytest.raises(ValueError, match="quantized"):
+        unipeft.attach(model, "pissa")
+    assert not hasattr(model, "_unipeft_handle") or model.__dict__.get("_unipeft_handle") is None
+
+
+def test_qlora_adapter_loads_onto_the_float_base(llama_folder, tmp_path):
+    model = load(llama_folder, 4)
+    peft = unipeft.attach(model, "lora", r=4)
+    randomize(peft)
+    peft.save(str(tmp_path / "qlora"))
+    full = load(llama_folder, None)
+    loaded = unipeft.load_adapter(full, str(tmp_path / "qlora"))
+    for key, tensor in peft.adapter_state_dict("default").items():
+        assert torch.equal(loaded.adapter_state_dict("default")[key], tensor)
+    assert loaded.active == ["default"]
