@@ -7,9 +7,6 @@ Compacter++ and PHM-Adapter, save/load of the shared rules, and a real SST-2 bat
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from unipeft.core.recipe import DeltaSpec, Recipe
 from unipeft.methods.compacter import CompacterConfig, PHMLinear
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _recipe(positions=("attn", "ffn"), **form) -> Recipe:
@@ -126,18 +122,9 @@ def test_errors(tiny):
         peft.merge()
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
-    batch = dict(AutoTokenizer.from_pretrained(minilm_folder)([r["sentence"] for r in rows], padding=True,
-                                                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2).eval()
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
+    model.eval()
     peft = unipeft.attach(model, "compacter")
     optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=3e-3)
     with torch.no_grad():

@@ -158,30 +158,11 @@ def test_embedding_and_bad_config_are_refused(tiny):
         DoRAConfig(dropout=1.0)
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    model, batch = _minilm_sst2(minilm_folder)
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
     peft = unipeft.attach(model, "dora")
     assert _loss_change(model, peft, batch) < 0
 
-
-def _minilm_sst2(folder: str, n: int = 4):
-    """The real MiniLM as a 2-class classifier and a batch of the first ``n`` SST-2 training sentences."""
-    import gzip
-    import json
-
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = "/work/shared/data/glue/sst2/train.jsonl.gz"
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(next(f)) for _ in range(n)]
-    except FileNotFoundError:
-        pytest.skip(f"{path} is not available")
-    batch = dict(AutoTokenizer.from_pretrained(folder)([r["sentence"] for r in rows], padding=True,
-                                                       return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2), batch
 
 
 def _loss_change(model, peft, batch, steps: int = 3, lr: float = 1e-2) -> float:

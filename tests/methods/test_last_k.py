@@ -9,9 +9,6 @@ only those layers are saved, training equals plain PyTorch fine-tuning of those 
 from __future__ import annotations
 
 import copy
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +19,6 @@ from unipeft.core.site import DeltaSite
 FAMILIES = ("bert", "gpt2", "llama", "t5")
 STACKS = {"bert": ["bert.encoder.layer"], "gpt2": ["transformer.h"], "llama": ["model.layers"],
           "t5": ["encoder.block", "decoder.block"]}
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _last_layers(model: torch.nn.Module, family: str, k: int) -> list[str]:
@@ -102,18 +98,9 @@ def test_layer_position_errors(tiny):
         unipeft.attach(tiny.model("bert"), "last_k", layers=[5])
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
-    batch = dict(AutoTokenizer.from_pretrained(minilm_folder)([r["sentence"] for r in rows], padding=True,
-                                                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2).eval()
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
+    model.eval()
     expected = sum(p.numel() for i in (4, 5) for p in model.bert.encoder.layer[i].parameters())
     peft = unipeft.attach(model, "last_k")
     assert peft.summary().trainable == expected

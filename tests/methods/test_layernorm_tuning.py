@@ -9,9 +9,6 @@ parameters and HF peft's, the outputs equal HF peft's on the same weights, merge
 from __future__ import annotations
 
 import copy
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +21,6 @@ from unipeft.core.site import DeltaSite
 FAMILIES = ("bert", "gpt2", "llama", "t5")
 HF_TARGETS = {"bert": ["output.LayerNorm"], "gpt2": ["ln_1", "ln_2"],
               "llama": ["input_layernorm", "post_attention_layernorm"], "t5": ["layer_norm"]}
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _norm_params(model: torch.nn.Module, family: str) -> int:
@@ -83,18 +79,9 @@ def test_merge_swaps_and_detach_restores(tiny, randomize, tmp_path, family):
         assert torch.equal(value, original[key]), key
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
-    batch = dict(AutoTokenizer.from_pretrained(minilm_folder)([r["sentence"] for r in rows], padding=True,
-                                                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2).eval()
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
+    model.eval()
     peft = unipeft.attach(model, "ln_tuning")
     assert peft.summary().trainable == 6 * 2 * 2 * 384  # 6 layers, 2 LayerNorms, weight and bias
     optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=1e-2)

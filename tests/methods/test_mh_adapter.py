@@ -8,9 +8,6 @@ count 2·d·r + N_h·r + d per site, the errors, and a real SST-2 batch.
 from __future__ import annotations
 
 import copy
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,6 @@ from unipeft.methods.bottleneck import BottleneckConfig
 from unipeft.methods.mh_adapter import MHAdapterConfig
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _recipe(**form) -> Recipe:
@@ -96,18 +92,9 @@ def test_errors(tiny):
         peft.merge()
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
-    batch = dict(AutoTokenizer.from_pretrained(minilm_folder)([r["sentence"] for r in rows], padding=True,
-                                                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2).eval()
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
+    model.eval()
     peft = unipeft.attach(model, "mh_pa")
     optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=1e-3)
     with torch.no_grad():

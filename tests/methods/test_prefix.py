@@ -8,9 +8,6 @@ The shared invariants (init behaviour, merge refused, detach, grads, save/load, 
 from __future__ import annotations
 
 import copy
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +16,6 @@ from peft import PrefixTuningConfig, get_peft_model
 import unipeft
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.methods.prefix import Prefix, PrefixConfig
-
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _recipe(length: int = 3, reparam: int | None = None, positions=("attn",), **placement) -> Recipe:
@@ -210,11 +205,10 @@ def test_he_et_al_placement_on_bart_has_36_blocks_of_bart_large():
 
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
-def test_minilm_prefix_learns_real_sst2_sentences(minilm_folder):
+def test_minilm_prefix_learns_real_sst2_sentences(minilm_folder, sst2_rows):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    with gzip.open(SST2, "rt") as f:
-        rows = [json.loads(next(f)) for _ in range(16)]
+    rows = sst2_rows(16)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder)
     batch = tokenizer([r["sentence"] for r in rows], padding=True, return_tensors="pt")
     labels = torch.tensor([r["label"] for r in rows])

@@ -9,9 +9,6 @@ parity with HF peft's SHiRA on the same mask, and a real SST-2 batch.
 from __future__ import annotations
 
 import copy
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ from unipeft.methods.sparse import DiffPruneConfig, FishMaskConfig, SparseDelta
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
 POSITIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _fishmask(**form) -> Recipe:
@@ -325,14 +321,11 @@ def test_config_validation():
 
 
 # ------------------------------------------------------------------------------------------------- real data
-def _minilm_sst2(folder: str, n: int = 8):
-    """The real MiniLM as a 2-class classifier and batches of the first SST-2 training sentences."""
+def _minilm_sst2(folder: str, rows: list[dict]):
+    """The real MiniLM as a 2-class classifier and batches of 4 of the given SST-2 rows."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(n)]
+    n = len(rows)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     out = []
     for start in range(0, n, 4):
@@ -344,8 +337,8 @@ def _minilm_sst2(folder: str, n: int = 8):
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval(), out
 
 
-def test_fishmask_on_real_sst2_batches_lowers_the_loss(minilm_folder):
-    model, batches = _minilm_sst2(minilm_folder)
+def test_fishmask_on_real_sst2_batches_lowers_the_loss(minilm_folder, sst2_rows):
+    model, batches = _minilm_sst2(minilm_folder, sst2_rows(8))
     peft = unipeft.attach(model, "fishmask")
     chosen = sparse.prepare(peft, batches)
     assert sum(chosen.values()) == round(0.005 * _candidates(peft))

@@ -7,9 +7,6 @@ count, the fold with and without a shift and with a scale s, the paper's init, a
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +20,6 @@ from unipeft.methods.ssf import SSFConfig
 
 FAMILIES = ("bert", "gpt2", "llama", "t5")
 POSITIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down", "norm")
-SST2 = Path("/work/shared/data/glue/sst2/train.jsonl.gz")
 
 
 def _recipe(positions=POSITIONS, *, composition: str = "add", scale: float = 1.0, **form) -> Recipe:
@@ -117,18 +113,9 @@ def test_config_validation():
         DeltaSpec(form=SSFConfig(), positions=("attn.q",), insertion="parallel")
 
 
-def test_real_sst2_batch_loss_goes_down(minilm_folder):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    with gzip.open(SST2, "rt", encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(4)]
-    batch = dict(AutoTokenizer.from_pretrained(minilm_folder)([r["sentence"] for r in rows], padding=True,
-                                                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([r["label"] for r in rows])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2).eval()
+def test_real_sst2_batch_loss_goes_down(minilm_sst2):
+    model, batch = minilm_sst2()
+    model.eval()
     peft = unipeft.attach(model, "ssf")
     optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=1e-2)
     with torch.no_grad():
