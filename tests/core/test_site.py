@@ -184,6 +184,16 @@ def test_replace_runs_a_trainable_copy(net, x):
     assert net.proj is base and torch.equal(base.weight, original)
 
 
+def test_a_running_copy_is_registered_once(net):
+    """The running copy is not a second submodule of the site: its tensors appear once in the state dict (twice
+    broke transformers' save_pretrained, which refuses unexplained shared tensors)."""
+    peft = unipeft.attach(net, one_delta({"type": "copy"}, insertion="replace"))
+    keys = [k for k in net.state_dict() if k.startswith("proj.")]
+    assert sorted(keys) == ["proj.adapters.default.0.form.module.bias", "proj.adapters.default.0.form.module.weight",
+                            "proj.base.bias", "proj.base.weight"]
+    assert placed_of(peft) in dict(net.named_modules()).values()
+
+
 # ------------------------------------------------------------------------------------------------ slices
 def _slice_site(insertion: str, form: dict, out_slice: tuple[int, int], composition: str = "add"):
     torch.manual_seed(0)

@@ -188,7 +188,9 @@ class DeltaSite(nn.Module):
         replaced = [p for p in running if p.insertion == "replace"]
         if len(replaced) > 1:
             raise ValueError("two active adapters replace the same module; activate only one of them")
-        self._replace = replaced[0] if replaced else None
+        # a plain attribute, not a second registration of a module already under ``adapters`` (which would put its
+        # tensors in state_dict twice, and break transformers' save_pretrained on shared tensors)
+        self.__dict__["_replace"] = replaced[0] if replaced else None
         self._post = [p for p in running if p.insertion not in ("multiplicative_input", "replace", "sequence")]
         self.sequence = [p for p in running if p.insertion == "sequence"]
 
