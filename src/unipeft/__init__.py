@@ -7,8 +7,10 @@
 
 from unipeft.core.adapted import Peft, attach, handle
 from unipeft.core.io import load_adapter, save_adapter
+from unipeft.core.pretrained import from_pretrained
 from unipeft.core.recipe import DeltaSpec, Recipe, builtin_recipe_names, load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["Peft", "attach", "handle", "load_adapter", "save_adapter", "Recipe", "DeltaSpec", "load_recipe", "builtin_recipe_names", "__version__"]
+__all__ = ["Peft", "attach", "handle", "load_adapter", "save_adapter", "from_pretrained", "Recipe", "DeltaSpec",
+           "load_recipe", "builtin_recipe_names", "__version__"]

@@ -314,6 +314,14 @@ class Peft:
 
         return save_adapter(self, path, name)
 
+    def save_pretrained(self, directory: str, adapters: "Sequence[str] | None" = None, *,
+                        format: str = "unipeft") -> "Path":
+        """Save adapters (default: the active ones) transformers-style, in unipeft's or HF peft's (``format="hf"``)
+        format; load them with :func:`unipeft.from_pretrained` (see :mod:`unipeft.core.pretrained`)."""
+        from unipeft.core.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, adapters, format=format)
+
     # ------------------------------------------------------------------------------------------- many adapters
     def load(self, path: str, name: str | None = None, *, activate: bool = False) -> "Peft":
         """Load a saved adapter onto this model as adapter ``name`` (default: its saved name), next to the others;
