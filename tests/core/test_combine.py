@@ -148,6 +148,7 @@ def test_other_forms_combine_by_svd_only(tiny, randomize):
     ("lora", "dare_linear", {"density": 0.0}, r"density must be in \(0, 1\], got 0.0"),
     ("lora", "mean", {}, r"unknown combination method 'mean'; valid: linear, cat, ties"),
     ("lora", "cat", {"svd_rank": 4}, r"svd_rank and svd_clamp apply to the SVD methods"),
+    ("lora", "svd", {"density": 0.5}, r"density applies to ties, dare_linear, .*, not to 'svd'"),
     ("lora", "ties", {"density": 0.5, "majority_sign": "max"}, r"unknown majority_sign 'max'; valid: total, frequency"),
 ])
 def test_refusals(tiny, recipe, method, options, message):

@@ -76,6 +76,8 @@ class CombineConfig:
             raise ValueError(f"unknown combination method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.method in DENSITY_METHODS and self.density is None:
             raise ValueError(f"method '{self.method}' needs a density in (0, 1] (the fraction of entries kept)")
+        if self.density is not None and self.method not in DENSITY_METHODS:
+            raise ValueError(f"density applies to {', '.join(DENSITY_METHODS)}, not to '{self.method}'")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if (self.svd_rank is not None or self.svd_clamp is not None) and self.method not in SVD_METHODS:
