@@ -132,7 +132,7 @@ class AdaLoRA(Form):
 
     def mixed_factors(self) -> LowRank:
         """Δ = (s·P)(diag(E) Q) x, for mixed batches (see :mod:`unipeft.core.mixed`)."""
-        return LowRank(A=self.lora_A * self.lora_E, B=self.lora_B * self.scaling)
+        return LowRank(A=self.lora_A * self.lora_E, B=self.lora_B, scale=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = P diag(E) Q · α/(r₀ + 1e-5), shape (d_out, d_in)."""

@@ -89,8 +89,8 @@ class LoRA(Form):
         return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)  # (B, T, d_out)
 
     def mixed_factors(self) -> LowRank:
-        """Δ = B' A with B' = (α/r)·B, for mixed batches (see :mod:`unipeft.core.mixed`)."""
-        return LowRank(A=self.lora_A, B=self.lora_B * self.scaling, embedding=self.embedding)
+        """Δ = (α/r)·B A, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        return LowRank(A=self.lora_A, B=self.lora_B, scale=self.scaling, embedding=self.embedding)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A, shape (d_out, d_in)."""

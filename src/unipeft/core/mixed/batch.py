@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from unipeft.core.compose import Add, Scaled
-from unipeft.core.mixed.factors import MLP, Batchable, Factors, LowRank, Scale
+from unipeft.core.mixed.factors import MLP, Factors, LowRank, Scale
 from unipeft.core.mixed.groups import build_group
 from unipeft.core.mixed.plan import SitePlan, Step
 
@@ -111,6 +111,7 @@ class MixedBatch:
                     replaced.add(adapter)
                     continue
                 factors = placed.form.mixed_factors()  # type: ignore[union-attr]
+                _check_factors(placed, factors, adapter, module)
                 if placed.insertion == "multiplicative_input":
                     key: tuple = ("pre", pre_index)
                     pre_index += 1
@@ -171,16 +172,23 @@ def _problem(placed: "Placed") -> str | None:
         return None
     if placed.insertion == "sequence":
         return "sequence-level forms (prefix, prompt) change the sequence per adapter"
-    if not isinstance(placed.form, Batchable):
+    if not callable(getattr(placed.form, "mixed_factors", None)):  # the Batchable protocol, checked cheaply
         return "the form gives no stackable factors"
     if not isinstance(placed.compose, (Add, Scaled)):
         return f"composition '{type(placed.compose).__name__.lower()}' is not supported"
-    factors = placed.form.mixed_factors()
-    if isinstance(factors, MLP) and float(factors.activation(torch.zeros(1)).abs().max()) != 0.0:
-        return f"its activation {factors.activation} is not 0 at 0, so hidden sizes cannot be zero-padded"
-    if isinstance(factors, Scale) != (placed.insertion in ("multiplicative", "multiplicative_input")):
-        return f"its factors ({type(factors).__name__}) do not fit the insertion"
     return None
+
+
+def _check_factors(placed: "Placed", factors: Factors, adapter: str, module: str) -> None:
+    """Refuse factors that cannot be stacked as this placement needs (checked while the stacks are built)."""
+    problem = None
+    if isinstance(factors, MLP) and float(factors.activation(torch.zeros(1)).abs().max()) != 0.0:
+        problem = f"its activation {factors.activation} is not 0 at 0, so hidden sizes cannot be zero-padded"
+    elif isinstance(factors, Scale) != (placed.insertion in ("multiplicative", "multiplicative_input")):
+        problem = f"its factors ({type(factors).__name__}) do not fit the insertion"
+    if problem is not None:
+        raise ValueError(f"{type(placed.form).__name__} ({placed.insertion}) of '{adapter}' at {module} cannot run "
+                         f"in a mixed batch: {problem}")
 
 
 def mixed_batch(peft: "Peft", adapter_names: Sequence[str | None]) -> MixedBatch:

@@ -5,13 +5,13 @@ forward in which row b uses its own adapter a_b. At a site this needs Δ of ever
 the tensors of all adapters can be stacked (zero-padded to a common size) and gathered per row. Forms describe
 themselves by returning one of these factor sets from ``mixed_factors()``; the core never asks which method a form is:
 
-* :class:`LowRank`   Δ(z) = B A z  (+ g ⊙ W z)       LoRA, rsLoRA, PiSSA, OLoRA, VeRA, AdaLoRA; DoRA with the W z term
+* :class:`LowRank`   Δ(z) = c·B A z  (+ g ⊙ W z)     LoRA, rsLoRA, PiSSA, OLoRA, VeRA, AdaLoRA; DoRA with the W z term
 * :class:`Affine`    Δ(z) = g ⊙ z + b                 BitFit (b only), SSF (g = γ − 1, b = β)
 * :class:`Scale`     h' = h ⊙ l  or  x' = x ⊙ l       (IA)³ (insertions ``multiplicative`` / ``multiplicative_input``)
 * :class:`MLP`       Δ(z) = act(z W_downᵀ + b_down) W_upᵀ + b_up      bottleneck and parallel adapters
 
-Scalings that belong to the form (α/r) are already folded into the returned tensors; the composition's scale s of
-``h + s·Δ`` is folded in by the core. The tensors are read, never written.
+Scalings that belong to the form are folded into the returned tensors (or given as LowRank's ``scale``); the
+composition's scale s of ``h + s·Δ`` is folded in by the core. The tensors are read, never written.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from torch import nn
 
 @dataclass(frozen=True, eq=False)
 class LowRank:
-    """Δ(z) = B A z, plus g ⊙ (W z) when ``base_gain`` is given (DoRA).
+    """Δ(z) = c·B A z, plus g ⊙ (W z) when ``base_gain`` is given (DoRA).
 
     Attributes:
-        A: (r, d_in); for an embedding site (r, num_embeddings), and z are token ids: Δ = B A[:, ids].
-        B: (d_out, r), with the form's own scaling folded in.
+        A: (r, d_in); for an embedding site (r, num_embeddings), and z are token ids: Δ = c·B A[:, ids].
+        B: (d_out, r).
+        scale: the form's own scaling c of B A (LoRA's α/r), applied to B when the stacks are built.
         embedding: whether the site is an embedding (z are token ids).
         base_gain: (d_out,) g multiplying W z, or None.
         base_weight: (d_out, d_in) W, the site's base weight rows read with ``base_gain``.
@@ -37,6 +38,7 @@ class LowRank:
 
     A: torch.Tensor
     B: torch.Tensor
+    scale: float = 1.0
     embedding: bool = False
     base_gain: torch.Tensor | None = None
     base_weight: torch.Tensor | None = None

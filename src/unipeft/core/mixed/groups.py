@@ -3,11 +3,11 @@
 A group holds the factors (see :mod:`unipeft.core.mixed.factors`) of every adapter whose delta at a site has the same
 kind and placement, stacked along a new first axis with slot 0 the zero adapter (rows whose adapter has no such delta
 here), zero-padded to a common rank / hidden size, with the composition's scale s folded into the output side. When
-the batch starts, the stacks are gathered once per row (``index_select`` by the row's slot), so that a forward is two
-batched matrix products with no indexing, e.g. for LoRA (Punica's BGMV)::
+the batch starts, the factors are gathered once per row (one ``torch.stack`` of each row's adapter's tensors), so that
+a forward is two batched matrix products with no indexing, e.g. for LoRA (Punica's BGMV)::
 
-    A_rows: (B, d_in, r),  B_rows: (B, r, d_out)
-    Δ = bmm(bmm(z, A_rows), B_rows)                       z: (B, N, d_in) → (B, N, r) → (B, N, d_out)
+    A_rows: (B, r, d_in),  B_rows: (B, d_out, r)         row b: the A and B of row b's adapter
+    Δ = bmm(bmm(z, A_rowsᵀ), B_rowsᵀ)                     z: (B, N, d_in) → (B, N, r) → (B, N, d_out)
 
 If every row uses the same adapter, the group keeps that adapter's factors unstacked and runs two plain matmuls.
 Zero padding is exact: padded rank columns, hidden units (act(0) = 0) and the zero slot contribute exact zeros.
@@ -24,14 +24,32 @@ from torch import nn
 from unipeft.core.mixed.factors import MLP, Affine, Factors, LowRank, Scale
 
 
-def _stack(tensors: Sequence[torch.Tensor | None], shape: tuple[int, ...], like: torch.Tensor,
-           fill: float = 0.0) -> torch.Tensor:
-    """Stack ``tensors`` (None: all ``fill``) behind a slot-0 ``fill`` entry, each zero-padded up to ``shape``."""
-    out = torch.full((len(tensors) + 1, *shape), fill, dtype=like.dtype, device=like.device)
-    for slot, t in enumerate(tensors, start=1):
-        if t is not None:
-            out[(slot, *(slice(0, n) for n in t.shape))] = t.detach()
+def _gather_rows(tensors: Sequence[torch.Tensor | None], slots: list[int], shape: tuple[int, ...],
+                 like: torch.Tensor, *, fill: float = 0.0, scales: Sequence[float] | None = None) -> torch.Tensor:
+    """(B, *shape): row b holds ``tensors[slots[b] - 1]`` zero-padded up to ``shape`` and times ``scales[...]``, or
+    ``fill`` everywhere for slot 0 (and for a None tensor). One allocation for all rows."""
+    blank = torch.full(shape, fill, dtype=like.dtype, device=like.device)
+    padded = [blank]
+    for t in tensors:
+        if t is None:
+            padded.append(blank)
+            continue
+        t = t.detach().to(like.dtype)
+        if tuple(t.shape) != shape:  # F.pad's widths run from the last dimension backwards
+            widths = [w for have, want in zip(reversed(t.shape), reversed(shape)) for w in (0, want - have)]
+            t = F.pad(t, widths, value=fill)
+        padded.append(t)
+    out = torch.stack([padded[slot] for slot in slots])
+    if scales is not None and any(s != 1.0 for s in scales):
+        row_scales = torch.tensor([1.0, *scales], dtype=like.dtype, device=like.device)[slots]
+        out.mul_(row_scales.view(-1, *([1] * len(shape))))
     return out
+
+
+def _stack(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The tensors (all of one shape) behind a slot-0 zero entry: (n + 1, *shape), in ``like``'s dtype."""
+    rest = [t.detach().to(like.dtype) for t in tensors]
+    return torch.stack([torch.zeros_like(rest[0]), *rest])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -54,8 +72,9 @@ class Group:
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots
-        first = int(slots[0])
-        self.uniform: int | None = first if bool((slots == first).all()) else None
+        self.slot_list: list[int] = slots.tolist()
+        first = self.slot_list[0]
+        self.uniform: int | None = first if all(s == first for s in self.slot_list) else None
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         """Δ for every row of z (B, ..., d_in) → (B, ..., d_out)."""
@@ -70,23 +89,23 @@ class LowRankGroup(Group):
         like = factors[0].B
         self.embedding = factors[0].embedding
         self.weight = factors[0].base_weight.detach() if factors[0].base_weight is not None else None
+        gains = [f.base_gain for f in factors]
         with torch.no_grad():
-            b_scaled = [f.B * s for f, s in zip(factors, scales)]
-            gains = [f.base_gain * s if f.base_gain is not None else None for f, s in zip(factors, scales)]
             if self.uniform is not None:  # one adapter for every row: its own (unpadded) factors
                 k = self.uniform - 1
-                self.A, self.B = factors[k].A.detach(), b_scaled[k]
-                self.gain = gains[k]
+                self.A, self.B = factors[k].A.detach(), factors[k].B.detach() * (factors[k].scale * scales[k])
+                self.gain = gains[k].detach() * scales[k] if gains[k] is not None else None
                 return
             r = max(f.A.shape[0] for f in factors)
-            a_stack = _stack([f.A for f in factors], (r, factors[0].A.shape[1]), like)  # (n+1, r, d_in)
-            b_stack = _stack(b_scaled, (like.shape[0], r), like)  # (n+1, d_out, r)
-            if self.embedding:  # keep the table per slot: (n+1, vocab, r), looked up by (slot, id)
-                self.A = a_stack.transpose(1, 2).contiguous()
+            d_in, d_out = factors[0].A.shape[1], like.shape[0]
+            a_rows = [f.A for f in factors]
+            if self.embedding:  # keep the table per slot, (n+1, r, vocab), looked up by (slot, id)
+                self.A = _stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a in a_rows], like)
             else:
-                self.A = a_stack.index_select(0, slots).transpose(1, 2).contiguous()  # (B, d_in, r)
-            self.B = b_stack.index_select(0, slots).transpose(1, 2).contiguous()  # (B, r, d_out)
-            self.gain = (_stack(gains, (like.shape[0],), like).index_select(0, slots)
+                self.A = _gather_rows(a_rows, self.slot_list, (r, d_in), like)  # (B, r, d_in)
+            self.B = _gather_rows([f.B for f in factors], self.slot_list, (d_out, r), like,
+                                  scales=[f.scale * s for f, s in zip(factors, scales)])
+            self.gain = (_gather_rows(gains, self.slot_list, (d_out,), like, scales=scales)
                          if self.weight is not None else None)  # (B, d_out)
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
@@ -98,11 +117,12 @@ class LowRankGroup(Group):
             if self.gain is not None:
                 out = out + self.gain * F.linear(z.to(self.weight.dtype), self.weight)
             return out
-        if self.embedding:  # z: token ids (B, T)
-            u = self.A[self.slots.view(-1, *([1] * (z.dim() - 1))), z]  # (B, T, r)
-            return torch.bmm(_rows(u), self.B).view(*z.shape, -1)
+        if self.embedding:  # z: token ids (B, T); A[slot_b, :, id] for every token → (B, T, r)
+            u = self.A[self.slots.view(-1, *([1] * (z.dim() - 1))), :, z]
+            return torch.bmm(_rows(u), self.B.transpose(1, 2)).view(*z.shape, -1)
         zr = _rows(z.to(self.A.dtype))  # (B, N, d_in)
-        out = torch.bmm(torch.bmm(zr, self.A), self.B).view(*z.shape[:-1], -1)  # (B, ..., d_out)
+        u = torch.bmm(zr, self.A.transpose(1, 2))  # (B, N, r)
+        out = torch.bmm(u, self.B.transpose(1, 2)).view(*z.shape[:-1], -1)  # (B, ..., d_out)
         if self.gain is not None:
             out = out + _per_row(self.gain, out) * F.linear(z.to(self.weight.dtype), self.weight)
         return out
@@ -114,12 +134,11 @@ class AffineGroup(Group):
     def __init__(self, factors: list[Affine], scales: list[float], slots: torch.Tensor) -> None:
         super().__init__(slots)
         like = next(t for f in factors for t in (f.gain, f.shift) if t is not None)
+        gains, shifts = [f.gain for f in factors], [f.shift for f in factors]
         with torch.no_grad():
-            gains = [f.gain * s if f.gain is not None else None for f, s in zip(factors, scales)]
-            shifts = [f.shift * s if f.shift is not None else None for f, s in zip(factors, scales)]
-            self.gain = (_stack(gains, (like.shape[0],), like).index_select(0, slots)
+            self.gain = (_gather_rows(gains, self.slot_list, (like.shape[0],), like, scales=scales)
                          if any(g is not None for g in gains) else None)  # (B, d)
-            self.shift = (_stack(shifts, (like.shape[0],), like).index_select(0, slots)
+            self.shift = (_gather_rows(shifts, self.slot_list, (like.shape[0],), like, scales=scales)
                           if any(b is not None for b in shifts) else None)  # (B, d_out)
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
@@ -137,7 +156,7 @@ class ScaleGroup(Group):
         super().__init__(slots)
         like = factors[0].vector
         with torch.no_grad():
-            self.vectors = _stack([f.vector for f in factors], (like.shape[0],), like, fill=1.0).index_select(0, slots)
+            self.vectors = _gather_rows([f.vector for f in factors], self.slot_list, (like.shape[0],), like, fill=1.0)
 
     def scale(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B, ..., d) times each row's vector."""
@@ -153,19 +172,17 @@ class MLPGroup(Group):
         like = factors[0].down_weight
         m = max(f.down_weight.shape[0] for f in factors)
         d_in, d_out = like.shape[1], factors[0].up_weight.shape[0]
+        rows = self.slot_list
         with torch.no_grad():
-            ups = [f.up_weight * s for f, s in zip(factors, scales)]
-            up_biases = [f.up_bias * s if f.up_bias is not None else None for f, s in zip(factors, scales)]
-            down = _stack([f.down_weight for f in factors], (m, d_in), like).index_select(0, slots)
-            self.down = down.transpose(1, 2).contiguous()  # (B, d_in, m)
-            self.down_bias = _stack([f.down_bias for f in factors], (m,), like).index_select(0, slots)  # (B, m)
-            self.up = _stack(ups, (d_out, m), like).index_select(0, slots).transpose(1, 2).contiguous()  # (B, m, d_out)
-            self.up_bias = _stack(up_biases, (d_out,), like).index_select(0, slots)  # (B, d_out)
+            self.down = _gather_rows([f.down_weight for f in factors], rows, (m, d_in), like)  # (B, m, d_in)
+            self.down_bias = _gather_rows([f.down_bias for f in factors], rows, (m,), like)  # (B, m)
+            self.up = _gather_rows([f.up_weight for f in factors], rows, (d_out, m), like, scales=scales)
+            self.up_bias = _gather_rows([f.up_bias for f in factors], rows, (d_out,), like, scales=scales)
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         zr = _rows(z.to(self.down.dtype))  # (B, N, d_in)
-        hidden = self.act(torch.baddbmm(self.down_bias[:, None, :], zr, self.down))  # (B, N, m)
-        out = torch.baddbmm(self.up_bias[:, None, :], hidden, self.up)  # (B, N, d_out)
+        hidden = self.act(torch.baddbmm(self.down_bias[:, None, :], zr, self.down.transpose(1, 2)))  # (B, N, m)
+        out = torch.baddbmm(self.up_bias[:, None, :], hidden, self.up.transpose(1, 2))  # (B, N, d_out)
         return out.view(*z.shape[:-1], -1)
 
 
