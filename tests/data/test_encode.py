@@ -110,7 +110,7 @@ def test_string_labels_and_bad_rows(minilm_tokenizer: Any) -> None:
         encode_classification([{"text": "a", "y": 1}], spec, minilm_tokenizer, 32)
     with pytest.raises(ValueError, match="needs a classification or regression task, got 'causal_lm'"):
         encode_classification([], _lm_spec(), minilm_tokenizer, 32)
-    with pytest.raises(ValueError, match="needs a causal_lm task, got 'classification'"):
+    with pytest.raises(ValueError, match="needs a causal_lm or generation task, got 'classification'"):
         encode_causal_lm([], spec, minilm_tokenizer, 32)
 
 

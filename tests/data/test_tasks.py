@@ -43,7 +43,7 @@ GLUE_COUNTS = {
 
 
 def test_registry_and_official_metrics() -> None:
-    assert set(TASKS) == {"sst2", "cola", "mrpc", "rte", "stsb", "alpaca"}
+    assert set(TASKS) == {"sst2", "cola", "mrpc", "rte", "stsb", "alpaca", "e2e", "ro_en"}
     expected = {
         "sst2": (("accuracy",), "accuracy"),
         "cola": (("matthews",), "matthews"),
@@ -85,7 +85,7 @@ _GOOD = dict(name="t", kind="classification", folder="f", text_fields=("s",), la
         ({"kind": "ranking"}, "unknown kind 'ranking'; valid kinds: classification, regression, causal_lm"),
         ({"main_metric": "f1"}, "main_metric 'f1' is not one of its metrics: accuracy"),
         ({"metrics": ("pearson",), "main_metric": "pearson"}, "metric 'pearson' does not fit kind 'classification'"),
-        ({"metrics": ("bleu",), "main_metric": "bleu"}, "'bleu' \\(unknown metric\\)"),
+        ({"metrics": ("meteor",), "main_metric": "meteor"}, "'meteor' \\(unknown metric\\)"),
         ({"num_labels": 1}, "num_labels >= 2, got 1"),
         ({"text_fields": ("a", "b", "c")}, "one or two text_fields"),
         ({"label_field": None}, "needs a label_field"),
@@ -93,7 +93,7 @@ _GOOD = dict(name="t", kind="classification", folder="f", text_fields=("s",), la
         ({"train_path": "a.jsonl", "eval_path": "b.jsonl"}, "not both or neither"),
         ({"folder": None}, "not both or neither"),
         ({"eval_split": None}, "eval_holdout must be > 0"),
-        ({"prompt_field": "q"}, "causal_lm tasks only"),
+        ({"prompt_field": "q"}, "causal_lm/generation tasks only"),
     ],
 )
 def test_taskspec_validation_names_the_problem(changes: dict, message: str) -> None:

@@ -30,6 +30,8 @@ from unipeft.data.encode import (
     end_token_id,
     format_alpaca_prompt,
     num_batches,
+    prompt_text,
+    prompt_token_ids,
 )
 from unipeft.data.metrics import (
     HIGHER_IS_BETTER,
@@ -45,6 +47,7 @@ from unipeft.data.metrics import (
     spearman,
 )
 from unipeft.data.tasks import TASKS, TaskKind, TaskSpec, get_task, jsonl_task, load_rows
+from unipeft.data.textmetrics import TEXT_METRICS, bleu, rouge_l, text_metrics
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -78,8 +81,14 @@ __all__ = [
     "pearson",
     "perplexity",
     "predictions_from_logits",
+    "prompt_text",
+    "prompt_token_ids",
     "rank_average",
     "read_jsonl",
     "resolve_data_dir",
     "spearman",
+    "TEXT_METRICS",
+    "bleu",
+    "rouge_l",
+    "text_metrics",
 ]

@@ -129,11 +129,30 @@ def end_token_id(tokenizer: Any) -> int | None:
     return None
 
 
+def prompt_text(row: Mapping[str, Any], spec: TaskSpec, index: int = 0) -> str:
+    """The prompt of one row: the task's template for a generation task, else the Alpaca prompt.
+
+    Raises:
+        ValueError: a missing field.
+    """
+    if spec.kind == "generation":
+        return spec.format_prompt(dict(row), index)
+    assert spec.prompt_field is not None
+    extra = str(row.get(spec.input_field) or "") if spec.input_field else ""
+    return format_alpaca_prompt(str(_field(row, spec.prompt_field, index)), extra)
+
+
+def prompt_token_ids(prompt: str, tokenizer: Any) -> list[int]:
+    """The token ids of a prompt as training sees them: the tokenizer's default prefix (e.g. BOS) + the prompt."""
+    return _special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def encode_causal_lm(
     rows: Sequence[Mapping[str, Any]], spec: TaskSpec, tokenizer: Any, max_length: int
 ) -> list[Example]:
     """Tokenise instruction-tuning rows: prompt + response + end token, loss on the response only.
 
+    The prompt is :func:`prompt_text` (the Alpaca prompt, or a generation task's template).
     Each example is ``prefix + prompt + response + [end]`` where ``prefix`` is what the tokenizer
     puts before a text by default (e.g. BOS) and ``end`` is :func:`end_token_id` (omitted if the
     tokenizer has neither EOS nor SEP). Prompt and response are tokenised jointly when that keeps
@@ -144,7 +163,7 @@ def encode_causal_lm(
 
     Args:
         rows: the data rows.
-        spec: a task of kind ``"causal_lm"``.
+        spec: a task of kind ``"causal_lm"`` or ``"generation"``.
         tokenizer: a Hugging Face tokenizer.
         max_length: the maximum number of tokens per example.
 
@@ -154,17 +173,16 @@ def encode_causal_lm(
     Raises:
         ValueError: wrong task kind, ``max_length < 2`` or a missing field.
     """
-    if spec.kind != "causal_lm":
-        raise ValueError(f"encode_causal_lm needs a causal_lm task, got {spec.kind!r}")
+    if spec.kind not in ("causal_lm", "generation"):
+        raise ValueError(f"encode_causal_lm needs a causal_lm or generation task, got {spec.kind!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if not rows:
         return []
-    assert spec.prompt_field is not None and spec.response_field is not None
+    assert spec.response_field is not None
     prompts, responses = [], []
     for i, row in enumerate(rows):
-        extra = str(row.get(spec.input_field) or "") if spec.input_field else ""
-        prompts.append(format_alpaca_prompt(str(_field(row, spec.prompt_field, i)), extra))
+        prompts.append(prompt_text(row, spec, i))
         responses.append(str(_field(row, spec.response_field, i)))
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     joint_ids = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
@@ -194,7 +212,7 @@ def encode_causal_lm(
 
 def encode(rows: Sequence[Mapping[str, Any]], spec: TaskSpec, tokenizer: Any, max_length: int) -> list[Example]:
     """Encode rows with :func:`encode_causal_lm` or :func:`encode_classification`, by ``spec.kind``."""
-    if spec.kind == "causal_lm":
+    if spec.kind in ("causal_lm", "generation"):
         return encode_causal_lm(rows, spec, tokenizer, max_length)
     return encode_classification(rows, spec, tokenizer, max_length)
 

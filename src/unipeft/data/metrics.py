@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from unipeft.data.textmetrics import TEXT_METRICS
+
 ArrayLike = npt.ArrayLike
 
 
@@ -157,9 +159,10 @@ METRICS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
     "pearson": pearson,
     "spearman": spearman,
 }
-ALL_METRICS: tuple[str, ...] = (*METRICS, "perplexity")
+# Generated-text metrics (bleu, rouge_l) are computed from generations (:mod:`unipeft.data.textmetrics`).
+ALL_METRICS: tuple[str, ...] = (*METRICS, "perplexity", *TEXT_METRICS)
 # Whether a larger value is better, for model selection.
-HIGHER_IS_BETTER: dict[str, bool] = {name: True for name in METRICS} | {"perplexity": False}
+HIGHER_IS_BETTER: dict[str, bool] = {name: True for name in (*METRICS, *TEXT_METRICS)} | {"perplexity": False}
 
 
 def compute_metrics(names: Sequence[str], predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:

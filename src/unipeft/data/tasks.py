@@ -2,13 +2,16 @@
 
 A :class:`TaskSpec` is plain data describing one fine-tuning task: where its rows come from, which
 fields hold the text and the label, what kind of head it needs and how it is scored. The built-in
-registry :data:`TASKS` holds five GLUE tasks with their official metrics and Alpaca instruction
-tuning; :func:`jsonl_task` describes any user JSONL file with a field mapping.
+registry :data:`TASKS` holds five GLUE tasks with their official metrics, Alpaca instruction
+tuning, and two generation tasks for a causal LM scored on its greedy outputs: E2E NLG (meaning
+representation -> restaurant description) and Romanian->English translation (trained on MLQE-PE,
+scored on WMT16 newstest2016); :func:`jsonl_task` describes any user JSONL file with a field mapping.
 """
 
 from __future__ import annotations
 
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -16,7 +19,7 @@ from typing import Any, Literal, get_args
 from unipeft.data.datadir import load_split, read_jsonl, take
 from unipeft.data.metrics import ALL_METRICS, HIGHER_IS_BETTER
 
-TaskKind = Literal["classification", "regression", "causal_lm"]
+TaskKind = Literal["classification", "regression", "causal_lm", "generation"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 
 # Metrics that make sense for each kind of task.
@@ -24,6 +27,7 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "f1", "matthews"),
     "regression": ("pearson", "spearman"),
     "causal_lm": ("perplexity",),
+    "generation": ("bleu", "rouge_l", "perplexity"),
 }
 
 
@@ -32,14 +36,21 @@ class TaskSpec:
     """One fine-tuning task.
 
     Rows come either from a folder of the data directory (``folder`` with ``train_split`` and
-    ``eval_split``) or from two explicit files (``train_path`` and ``eval_path``). When a folder has
-    no evaluation split (``eval_split=None``), the last ``eval_holdout`` training rows are held out
-    as the evaluation set and removed from training.
+    ``eval_split``; ``eval_folder`` when evaluation data lives elsewhere) or from two explicit files
+    (``train_path`` and ``eval_path``). When a folder has no evaluation split (``eval_split=None``),
+    the last ``eval_holdout`` training rows are held out as the evaluation set and removed from training.
+
+    A ``generation`` task trains a causal LM on ``prompt_template`` (filled with the row's fields) followed
+    by the ``response_field``, with the loss on the response only, and is scored by greedy generation
+    against the references: evaluation rows with the same prompt are one segment whose references are
+    all their responses (E2E's several descriptions of one meaning representation).
 
     Attributes:
         name: short task name, e.g. ``"sst2"``.
-        kind: ``"classification"``, ``"regression"`` (one score) or ``"causal_lm"`` (instruction tuning).
+        kind: ``"classification"``, ``"regression"`` (one score), ``"causal_lm"`` (instruction tuning,
+            Alpaca prompt) or ``"generation"`` (prompt template -> text, scored on generations).
         folder: dataset folder relative to the data directory, e.g. ``"glue/sst2"``.
+        eval_folder: the folder of ``eval_split`` when it is not ``folder``.
         train_path: an explicit training file (``.jsonl`` or ``.jsonl.gz``), instead of ``folder``.
         eval_path: an explicit evaluation file, instead of ``folder``.
         train_split: the training split name inside ``folder``.
@@ -51,7 +62,10 @@ class TaskSpec:
         label_names: optional class names; string labels in the data are mapped through them.
         prompt_field: the instruction field (causal_lm).
         input_field: an optional extra-context field (causal_lm), e.g. Alpaca's ``input``.
-        response_field: the target text field (causal_lm).
+        response_field: the target text field (causal_lm, generation).
+        prompt_template: the prompt of a generation task, ``str.format`` fields naming row fields, e.g.
+            ``"Translate Romanian to English:\\n{ro}\\nEnglish:\\n"``.
+        max_new_tokens: the most tokens generated per prompt when scoring (generation, causal_lm samples).
         metrics: metric names reported for this task.
         main_metric: the metric used for model selection; one of ``metrics``.
     """
@@ -59,6 +73,7 @@ class TaskSpec:
     name: str
     kind: TaskKind
     folder: str | None = None
+    eval_folder: str | None = None
     train_path: str | None = None
     eval_path: str | None = None
     train_split: str = "train"
@@ -71,6 +86,8 @@ class TaskSpec:
     prompt_field: str | None = None
     input_field: str | None = None
     response_field: str | None = None
+    prompt_template: str | None = None
+    max_new_tokens: int = 64
     metrics: tuple[str, ...] = ()
     main_metric: str = ""
 
@@ -82,6 +99,8 @@ class TaskSpec:
         self._check_source()
         if self.kind == "causal_lm":
             self._check_causal_lm()
+        elif self.kind == "generation":
+            self._check_generation()
         else:
             self._check_labelled()
         allowed = KIND_METRICS[self.kind]
@@ -116,6 +135,12 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: eval_holdout must be >= 0, got {self.eval_holdout}")
         if self.folder is not None and self.eval_split is None and self.eval_holdout == 0:
             raise ValueError(f"task {self.name!r}: with eval_split=None, eval_holdout must be > 0")
+        if self.eval_folder is not None and (self.folder is None or self.eval_split is None):
+            raise ValueError(f"task {self.name!r}: eval_folder {self.eval_folder!r} needs a folder and an eval_split")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.prompt_template is not None and self.kind != "generation":
+            raise ValueError(f"task {self.name!r}: prompt_template is for generation tasks only (kind {self.kind!r})")
 
     def _check_labelled(self) -> None:
         if len(self.text_fields) not in (1, 2):
@@ -134,7 +159,7 @@ class TaskSpec:
                 f"for num_labels={self.num_labels}"
             )
         if any((self.prompt_field, self.input_field, self.response_field)):
-            raise ValueError(f"task {self.name!r}: prompt/input/response fields are for causal_lm tasks only")
+            raise ValueError(f"task {self.name!r}: prompt/input/response fields are for causal_lm/generation tasks only")
 
     def _check_causal_lm(self) -> None:
         if not self.prompt_field or not self.response_field:
@@ -148,6 +173,56 @@ class TaskSpec:
             )
         if self.num_labels != 0:
             raise ValueError(f"task {self.name!r}: causal_lm needs num_labels == 0, got {self.num_labels}")
+
+    def _check_generation(self) -> None:
+        if not self.prompt_template or not self.response_field:
+            raise ValueError(
+                f"task {self.name!r}: generation needs prompt_template and response_field, got "
+                f"{self.prompt_template!r} and {self.response_field!r}"
+            )
+        try:
+            fields = self.template_fields
+        except ValueError as err:
+            raise ValueError(f"task {self.name!r}: bad prompt_template {self.prompt_template!r}: {err}") from None
+        if not fields:
+            raise ValueError(f"task {self.name!r}: prompt_template {self.prompt_template!r} names no field, "
+                             "e.g. {source}")
+        if self.text_fields or self.label_field or self.label_names or self.prompt_field or self.input_field:
+            raise ValueError(f"task {self.name!r}: generation uses prompt_template/response_field only, not "
+                             "text_fields/label_field/prompt_field/input_field")
+        if self.num_labels != 0:
+            raise ValueError(f"task {self.name!r}: generation needs num_labels == 0, got {self.num_labels}")
+
+    @property
+    def template_fields(self) -> tuple[str, ...]:
+        """The row fields that ``prompt_template`` names, in order (empty without a template).
+
+        Raises:
+            ValueError: a malformed template, or a field with a format spec or index (only ``{name}`` is allowed).
+        """
+        if not self.prompt_template:
+            return ()
+        names = []
+        for _, name, spec, conversion in string.Formatter().parse(self.prompt_template):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                raise ValueError(f"only plain {{field}} placeholders are allowed, got {{{name}}}")
+            names.append(name)
+        return tuple(dict.fromkeys(names))
+
+    def format_prompt(self, row: dict[str, Any], index: int = 0) -> str:
+        """The generation prompt of one row: ``prompt_template`` filled with the row's fields.
+
+        Raises:
+            ValueError: the row lacks a field the template names (the message lists its fields).
+        """
+        assert self.prompt_template is not None
+        missing = [f for f in self.template_fields if f not in row]
+        if missing:
+            raise ValueError(f"row {index} has no field {missing[0]!r} (named in the prompt template of task "
+                             f"{self.name!r}); its fields: {', '.join(row)}")
+        return self.prompt_template.format_map({f: str(row[f]) for f in self.template_fields})
 
     @property
     def is_pair(self) -> bool:
@@ -172,7 +247,9 @@ def load_rows(
         spec: the task.
         which: ``"train"`` or ``"eval"``.
         data_dir: the data directory for folder-based tasks (see :func:`resolve_data_dir`).
-        limit: keep only the first ``limit`` rows (after any hold-out split), or ``None`` for all.
+        limit: keep only the first ``limit`` rows (after any hold-out split), or ``None`` for all. For the
+            evaluation rows of a generation task it counts distinct prompts: the rows of the first ``limit``
+            prompts are kept, so every kept prompt keeps all its references.
 
     Raises:
         ValueError: ``which`` is not ``"train"`` or ``"eval"``, or ``limit`` is negative.
@@ -180,12 +257,18 @@ def load_rows(
     """
     if which not in ("train", "eval"):
         raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
+    if which == "eval" and spec.kind == "generation" and limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        rows = load_rows(spec, "eval", data_dir)
+        keep = set(list(dict.fromkeys(spec.format_prompt(r, i) for i, r in enumerate(rows)))[:limit])
+        return [r for i, r in enumerate(rows) if spec.format_prompt(r, i) in keep]
     if spec.folder is None:
         path = spec.train_path if which == "train" else spec.eval_path
         assert path is not None  # guaranteed by TaskSpec validation
         return take(read_jsonl(path), limit)
     if which == "eval" and spec.eval_split is not None:
-        return take(load_split(spec.folder, spec.eval_split, data_dir), limit)
+        return take(load_split(spec.eval_folder or spec.folder, spec.eval_split, data_dir), limit)
     rows = load_split(spec.folder, spec.train_split, data_dir)
     if spec.eval_split is None:
         if spec.eval_holdout >= len(rows):
@@ -239,6 +322,29 @@ TASKS: dict[str, TaskSpec] = {
             metrics=("perplexity",),
             main_metric="perplexity",
         ),
+        TaskSpec(  # Novikova et al. 2017; scored against every reference of a meaning representation
+            name="e2e",
+            kind="generation",
+            folder="nlg/e2e",
+            prompt_template="Describe the restaurant in one sentence.\nAttributes: {meaning_representation}\n"
+                            "Description:\n",
+            response_field="target",
+            max_new_tokens=64,
+            metrics=("bleu", "rouge_l", "perplexity"),
+            main_metric="bleu",
+        ),
+        TaskSpec(  # trained on MLQE-PE ro-en (Wikipedia, post-edited), scored on WMT16 newstest2016
+            name="ro_en",
+            kind="generation",
+            folder="mt/mlqe_pe_ro_en",
+            eval_folder="mt/wmt16_en_ro",
+            eval_split="test",
+            prompt_template="Translate Romanian to English.\nRomanian: {ro}\nEnglish:\n",
+            response_field="en",
+            max_new_tokens=128,
+            metrics=("bleu", "perplexity"),
+            main_metric="bleu",
+        ),
     )
 }
 
@@ -268,6 +374,8 @@ def jsonl_task(
     prompt_field: str | None = None,
     input_field: str | None = None,
     response_field: str | None = None,
+    prompt_template: str | None = None,
+    max_new_tokens: int = 64,
     metrics: tuple[str, ...] | None = None,
     main_metric: str | None = None,
 ) -> TaskSpec:
@@ -276,7 +384,7 @@ def jsonl_task(
     Args:
         train_path: the training file.
         eval_path: the evaluation file.
-        kind: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
+        kind: ``"classification"``, ``"regression"``, ``"causal_lm"`` or ``"generation"``.
         name: a name for logs and outputs.
         text_fields: one or two text fields (classification/regression).
         label_field: the label field (classification/regression).
@@ -285,9 +393,11 @@ def jsonl_task(
         label_names: class names, if the labels are strings (or to name integer classes).
         prompt_field: the instruction field (causal_lm).
         input_field: optional extra context (causal_lm).
-        response_field: the target text field (causal_lm).
+        response_field: the target text field (causal_lm, generation).
+        prompt_template: the prompt of a generation task, e.g. ``"Summarize:\\n{document}\\nSummary:\\n"``.
+        max_new_tokens: the most tokens generated per prompt when scoring.
         metrics: defaults by kind: accuracy/f1/matthews (f1 only for two classes), pearson/spearman,
-            or perplexity.
+            perplexity, or bleu/rouge_l/perplexity (generation).
         main_metric: defaults to the first metric.
 
     Raises:
@@ -316,6 +426,8 @@ def jsonl_task(
         prompt_field=prompt_field,
         input_field=input_field,
         response_field=response_field,
+        prompt_template=prompt_template,
+        max_new_tokens=max_new_tokens,
         metrics=tuple(metrics),
         main_metric=main_metric if main_metric is not None else (metrics[0] if metrics else ""),
     )

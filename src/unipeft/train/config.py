@@ -41,21 +41,23 @@ class JsonlTaskConfig:
     Attributes:
         train_path: the training file.
         eval_path: the evaluation file.
-        kind: ``classification``, ``regression`` or ``causal_lm``.
+        kind: ``classification``, ``regression``, ``causal_lm`` or ``generation``.
         text_fields: one or two text fields (classification/regression).
         label_field: the label field (classification/regression).
         label_names: class names, if labels are strings (their order gives the class ids).
         num_labels: classes; defaults to ``len(label_names)`` (classification).
         prompt_field: the instruction field (causal_lm).
         input_field: an optional context field (causal_lm).
-        response_field: the target text field (causal_lm).
+        response_field: the target text field (causal_lm, generation).
+        prompt_template: the prompt of a generation task, with ``{field}`` placeholders (generation).
+        max_new_tokens: the most tokens generated per prompt when scoring (generation).
         metrics: the metrics to report; defaults by kind.
         main_metric: the metric shown during training; defaults to the first.
     """
 
     train_path: str
     eval_path: str
-    kind: Literal["classification", "regression", "causal_lm"]
+    kind: Literal["classification", "regression", "causal_lm", "generation"]
     text_fields: tuple[str, ...] = ()
     label_field: str | None = None
     label_names: tuple[str, ...] = ()
@@ -63,6 +65,8 @@ class JsonlTaskConfig:
     prompt_field: str | None = None
     input_field: str | None = None
     response_field: str | None = None
+    prompt_template: str | None = None
+    max_new_tokens: int = 64
     metrics: tuple[str, ...] | None = None
     main_metric: str | None = None
 
@@ -86,7 +90,8 @@ class TrainConfig:
 
     Attributes:
         model: a short model name (``minilm``, ``smollm2-135m``) or a local Hugging Face folder / ``.gguf`` file.
-        task: a built-in task (sst2, cola, mrpc, rte, stsb, alpaca), or the name of the user task in ``jsonl``.
+        task: a built-in task (sst2, cola, mrpc, rte, stsb, alpaca, e2e, ro_en), or the name of the user task in
+            ``jsonl``.
         jsonl: a user JSONL task; when given, ``task`` is just its name.
         method: a built-in recipe name (``unipeft methods``) or a recipe YAML/JSON file.
         method_options: recipe hyperparameter overrides, e.g. ``{r: 16}`` or ``{positions: [attn.q]}``.

@@ -2,7 +2,8 @@
 
 - classification: predictions are ``argmax(logits)``;
 - regression: the prediction is ``logits[:, 0]``;
-- causal_lm: the mean cross-entropy over response tokens (labels != -100), and its perplexity.
+- causal_lm and generation: the mean cross-entropy over response tokens (labels != -100), and its perplexity
+  (a generation task's BLEU/ROUGE come from :func:`unipeft.train.generation.evaluate_generation`).
 
 Examples are batched in order of length (the metrics do not depend on the order), so batches carry little padding.
 """
@@ -56,7 +57,7 @@ def evaluate(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, A
     model.eval()
     try:
         with torch.inference_mode():
-            if task.kind == "causal_lm":
+            if task.kind in ("causal_lm", "generation"):
                 return _causal_lm(model, examples, order, batch_size, pad)
             return _labelled(model, task, examples, order, batch_size, pad)
     finally:

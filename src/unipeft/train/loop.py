@@ -8,6 +8,7 @@ uninterrupted run exactly), and writes into ``output_dir``:
 
 - ``adapter/``: the trained adapter (:func:`unipeft.load_adapter` reads it);
 - ``metrics.json``: final metrics, parameter counts, time, throughput, peak memory and the config;
+- ``generations.json`` (generation tasks): the final greedy outputs with their references;
 - ``history.json`` and ``curves.png``: training loss and evaluation metrics against the step.
 """
 
@@ -44,6 +45,7 @@ from unipeft.train.checkpoint import (
 )
 from unipeft.train.config import TrainConfig
 from unipeft.train.evaluate import evaluate
+from unipeft.train.generation import evaluate_generation
 from unipeft.train.hooks import FISHER_BATCHES, MethodHooks
 from unipeft.train.report import peak_rss_mib, plot_curves, write_json
 from unipeft.train.sampling import epoch_plan
@@ -110,7 +112,8 @@ def recipe_for(config: TrainConfig, task: TaskSpec) -> Recipe:
 
 def model_kind(task: TaskSpec) -> tuple[str, int | None]:
     """The model kind and ``num_labels`` that :func:`unipeft.models.load_model` needs for ``task``."""
-    return task.kind, (task.num_labels if task.kind == "classification" else None)
+    kind = "causal_lm" if task.kind == "generation" else task.kind
+    return kind, (task.num_labels if task.kind == "classification" else None)
 
 
 def make_optimizer(peft: Peft, config: TrainConfig) -> torch.optim.AdamW:
@@ -195,8 +198,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
 
     train_set = encode(load_rows(task, "train", config.data_dir, config.train_limit), task, tokenizer,
                        config.max_length)
-    eval_set = encode(load_rows(task, "eval", config.data_dir, config.eval_limit), task, tokenizer,
-                      config.max_length)
+    eval_rows = load_rows(task, "eval", config.data_dir, config.eval_limit)
+    eval_set = encode(eval_rows, task, tokenizer, config.max_length)
     if not train_set:
         raise ValueError(f"task {task.name!r} has no training examples (train_limit={config.train_limit})")
     lengths = [len(e["input_ids"]) for e in train_set]
@@ -220,9 +223,13 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                  state.batch_in_epoch)
     main = task.main_metric
     last_eval: dict[str, float] = {}
+    generations: list[dict[str, Any]] = []
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
+        if task.kind == "generation":
+            scores, generations[:] = evaluate_generation(model, tokenizer, task, eval_rows, config.eval_batch_size)
+            metrics = {**scores, **metrics}
         state.history["eval"].append({"step": state.step, **metrics})
         log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
@@ -282,6 +289,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                          train_time_s=state.train_time_s, wall_time_s=time.perf_counter() - started,
                          peak_rss_mib=peak, output_dir=out, adapter_dir=adapter_dir)
     _write_outputs(result, state, config, task, recipe, per_epoch)
+    if generations:
+        write_json(out / "generations.json", generations)
     if has_checkpoint(ckpt):
         shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete; its outputs replace the checkpoint
     return result
