@@ -4,7 +4,7 @@ unipeft.interop, combined by both with every combination type; the new adapters'
 
 DARE draws random masks: both libraries call ``torch.bernoulli`` once per tensor, module by module (in the model's
 order), A before B, adapter by adapter, so with ``torch.bernoulli`` replaced by the same seeded stream for each call the
-masks are the same and the results must agree exactly as well."""
+masks are the same and the results must agree exactly as well. Last, a combined adapter exports to HF's format."""
 
 from __future__ import annotations
 
@@ -97,3 +97,23 @@ def test_same_delta_weights_as_hf_peft(pair, monkeypatch, method, adapters, opti
     diff = max((ours[m] - theirs[m]).abs().max().item() for m in ours)
     assert diff <= 1e-5, f"{method}: max |ΔW unipeft - ΔW HF| = {diff:.2e}"
     assert max(theirs[m].abs().max().item() for m in theirs) > 1e-2  # a real, non-zero delta was compared
+
+
+def test_combined_adapter_exports_to_hf(tiny, randomize, tmp_path):
+    """A combined adapter with per-site ranks (cat of r=8 at attn.q/attn.v and r=4 at attn.v/ffn.up) saves in HF's
+    format (as a rank_pattern) and HF peft computes the same logits from it."""
+    from unipeft.interop import save_hf_adapter
+
+    base = tiny.model("llama")
+    batch = {"input_ids": tiny.batch("llama")["input_ids"]}
+    handle = unipeft.attach(copy.deepcopy(base), "lora", name="a")
+    handle.add("lora", "b", r=4, positions=["attn.v", "ffn.up"])
+    randomize(handle)
+    handle.combine(["a", "b"], [0.5, -1.5], method="cat", new_name="m")
+    handle.set_active("m")
+    save_hf_adapter(handle, tmp_path / "m", "m")
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "m"))
+    ranks = {n.split(".")[-1]: m.r["default"] for n, m in hf.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ranks == {"q_proj": 8, "v_proj": 12, "up_proj": 4}  # cat: the sum of the ranks present at each site
+    assert torch.allclose(tiny.logits(hf, batch), tiny.logits(handle.model, batch), atol=1e-5)
