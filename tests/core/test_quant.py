@@ -190,3 +190,18 @@ def test_qlora_adapter_loads_onto_the_float_base(llama_folder, tmp_path):
     for key, tensor in peft.adapter_state_dict("default").items():
         assert torch.equal(loaded.adapter_state_dict("default")[key], tensor)
     assert loaded.active == ["default"]
+
+
+def test_dequantizing_an_adapted_model_makes_the_merge_exact(llama_folder):
+    """transformers' ``model.dequantize()`` swaps the bitsandbytes layers (inside unipeft's sites too) for float ones
+    holding Deq(Q(W)): the function the adapter was trained against, into which it then merges exactly."""
+    model = load(llama_folder, 4)
+    peft = unipeft.attach(model, "lora", r=4)
+    randomize(peft)
+    unmerged = model(input_ids=ids()).logits
+    model.dequantize()
+    assert not any(is_quantized(m) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids()).logits, unmerged, rtol=0, atol=0)
+    errors = peft.merge(check=True, tolerance=1e-5)
+    assert max(errors.values()) < 1e-5
+    torch.testing.assert_close(model(input_ids=ids()).logits, unmerged, rtol=1e-5, atol=1e-5)
