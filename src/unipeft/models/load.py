@@ -57,6 +57,31 @@ def _head_kwargs(kind: str, num_labels: int | None) -> dict[str, object]:
     return {}
 
 
+#: Quantized loading through bitsandbytes (QLoRA bases): NF4 / FP4 4-bit blocks, or LLM.int8().
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
+#: Heads a task adds to a checkpoint (new weights, which bitsandbytes cannot quantize on load) and output layers.
+_UNQUANTIZED_HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
+
+
+def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[str, object]:
+    """``from_pretrained`` keyword arguments for a bitsandbytes-quantized load (none for ``None``)."""
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_UNQUANTIZED_HEADS)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=dtype,
+                                    llm_int8_skip_modules=_UNQUANTIZED_HEADS)
+    kwargs: dict[str, object] = {"quantization_config": config}
+    if not torch.cuda.is_available():
+        kwargs["device_map"] = "cpu"  # bitsandbytes quantizes when the weights are placed
+    return kwargs
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -65,6 +90,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer from local files.
 
@@ -80,16 +106,18 @@ def load_model(
             same seed gives the same model; the global RNG state is left untouched.
         cache_dir: root of the converted-GGUF cache (default ``$UNIPEFT_CACHE`` or
             ``~/.cache/unipeft/models``).
+        quantization: ``nf4`` / ``fp4`` (4-bit) or ``int8`` to quantize the linear layers with bitsandbytes
+            (a QLoRA base; heads stay in ``dtype``), or ``None``.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer always has a pad token
         (EOS if it had none) and ``model.config.pad_token_id`` matches it.
 
     Raises:
-        ValueError: for an unknown kind or name, a config-only name, or a bad ``num_labels``.
+        ValueError: for an unknown kind, name or quantization, a config-only name, or a bad ``num_labels``.
         FileNotFoundError: if a short name's package is not installed.
     """
-    head_kwargs = _head_kwargs(kind, num_labels)
+    head_kwargs = _head_kwargs(kind, num_labels) | _quantization_kwargs(quantization, dtype)
     source = resolve_model(name_or_path)
     folder = source.path if source.format == "hf" else cached_gguf_folder(source, cache_dir)
 
