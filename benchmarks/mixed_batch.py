@@ -60,6 +60,8 @@ class Setup:
         r, alpha, b_std: the LoRA (r, α) and the standard deviation of its random B.
         seed: seeds the weights of a config model, the adapters and the tokens.
         threads: ``torch.set_num_threads``.
+        device: where the models and inputs live (``cpu``, ``cuda``); on CUDA every measurement ends with a
+            synchronisation.
     """
 
     model: str = "smollm2-135m"
@@ -76,6 +78,7 @@ class Setup:
     b_std: float = 0.02
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq", "decode_steps", "rounds", "threads", "r"):
@@ -130,13 +133,13 @@ def load_base(setup: Setup) -> nn.Module:
         from unipeft.models import load_model
 
         model, _ = load_model(setup.model, kind="causal_lm")
-        return model.eval()
+        return model.to(setup.device).eval()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(setup.seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**setup.config))
-    return model.eval()
+    return model.to(setup.device).eval()
 
 
 def attach_unipeft(model: nn.Module, setup: Setup) -> "Any":
@@ -151,7 +154,8 @@ def attach_unipeft(model: nn.Module, setup: Setup) -> "Any":
                               positions=POSITIONS)
         with torch.no_grad():
             for _, placed in peft.delta_modules(adapter_name(i)):
-                placed.form.lora_B.copy_(torch.randn(placed.form.lora_B.shape, generator=generator) * setup.b_std)
+                b = torch.randn(placed.form.lora_B.shape, generator=generator) * setup.b_std
+                placed.form.lora_B.copy_(b.to(placed.form.lora_B.device))
     return peft
 
 
@@ -216,7 +220,7 @@ def make_inputs(vocab: int, setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(setup.seed)
     prompt = torch.randint(3, vocab, (setup.batch, setup.seq), generator=generator)
     steps = torch.randint(3, vocab, (setup.batch, setup.decode_steps), generator=generator)
-    return prompt, steps
+    return prompt.to(setup.device), steps.to(setup.device)
 
 
 def prefill(contender: Contender, prompt: torch.Tensor) -> Any:
@@ -228,7 +232,7 @@ def decode(contender: Contender, cache: Any, steps: torch.Tensor) -> None:
     """``steps.shape[1]`` one-token forwards on ``cache``, then the cache cropped back to the prompt."""
     past = cache.get_seq_length()
     for i in range(steps.shape[1]):
-        mask = torch.ones(steps.shape[0], past + i + 1, dtype=torch.long)
+        mask = torch.ones(steps.shape[0], past + i + 1, dtype=torch.long, device=steps.device)
         contender.run(input_ids=steps[:, i:i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
     cache.crop(-steps.shape[1])
 
@@ -285,6 +289,8 @@ def time_phase(phase: str, contenders: list[Contender], caches: dict[str, Any], 
                 prefill(c, prompt)
             else:
                 decode(c, caches[c.name], steps)
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
             if round_ >= setup.warmup:
                 c.times[phase].append(time.perf_counter() - start)
         done = ", ".join(f"{c.name} {c.times[phase][-1]:.2f} s" for c in contenders if c.times[phase])
@@ -381,13 +387,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="unmeasured rounds first (default: 1)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch.set_num_threads (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
 
     _quiet()
     setup = Setup(model=args.model, batch=args.batch, seq=args.seq, decode_steps=args.decode_steps,
                   adapters=tuple(args.adapters), phases=tuple(args.phases), rounds=args.rounds, warmup=args.warmup,
-                  threads=args.threads, seed=args.seed)
+                  threads=args.threads, seed=args.seed, device=args.device)
     started, load_before = datetime.now(timezone.utc), os.getloadavg()
     env = environment(sys.argv if argv is None else [sys.argv[0], *argv])
     result = run_benchmark(setup, log=lambda m: print(m, file=sys.stderr, flush=True))

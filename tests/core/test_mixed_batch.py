@@ -209,6 +209,52 @@ def test_stacks_follow_weight_changes_between_blocks(tiny, randomize):
     assert (second[1] - first[1]).abs().max() > 1e-4
 
 
+def test_stacks_are_reused_until_the_adapters_change(tiny, randomize):
+    from unipeft.core.mixed.stacks import site_stacks
+
+    peft = adapted(tiny, randomize, "llama", {"a": "lora", "b": "lora"})
+    site = next(iter(peft._sites.values()))
+    ids = tiny.batch("llama", size=3)["input_ids"]
+    first = site_stacks(site)
+    mixed(peft, ids, ["b", "a", None])
+    assert site_stacks(site) is first  # another mix of the same adapters: no rebuild
+
+    handle = peft.mixed_batch(["a", "b", "a"])
+    randomize(peft, "a", seed=7)  # changed after the handle was made, before the block: rebuilt on entering
+    with handle:
+        got = hidden(peft.model, ids)
+    assert (got - per_row(peft, ids, ["a", "b", "a"])).abs().max() <= TOL
+    assert site_stacks(site) is not first
+
+    peft.remove("b")
+    unipeft.attach(peft.model, "ia3", name="b")  # the same name, another adapter
+    randomize(peft, "b", seed=8)
+    assert_rows_match(peft, ids, ["b", "a", None])
+
+    peft.model.double()  # new storage for every tensor
+    expected = per_row(peft, ids, ["a", "b", None])
+    got = mixed(peft, ids, ["a", "b", None])
+    assert got.dtype == torch.float64 and (got - expected).abs().max() <= 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda(tiny, randomize):
+    model = tiny.model("llama")
+    peft = None
+    for seed, (name, recipe) in enumerate({"a": "lora", "b": "dora", "c": "ia3", "d": "houlsby"}.items()):
+        peft = unipeft.attach(model, recipe, name=name)
+        randomize(peft, name, seed=seed + 1)
+    model.to("cuda")
+    ids = tiny.batch("llama", size=5)["input_ids"].to("cuda")
+    names = ["a", "b", None, "c", "d"]
+
+    got = assert_rows_match(peft, ids, names)
+    assert got.is_cuda
+    with peft.mixed_batch(names):
+        tokens = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (5, ids.shape[1] + 3)
+
+
 # ------------------------------------------------------------------------------------------------------- refusals
 def test_unknown_name_lists_the_loaded_adapters(tiny, randomize):
     peft = adapted(tiny, randomize, "llama", {"a": "lora", "b": "lora"})

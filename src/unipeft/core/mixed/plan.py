@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from unipeft.core.mixed.groups import Group, ScaleGroup
+from unipeft.core.mixed.groups import Bound
 
 
 @dataclass(eq=False)
@@ -26,13 +26,13 @@ class Step:
     """One group applied after the base module, with the placement it came from.
 
     Attributes:
-        group: the stacked deltas.
+        group: the stacked deltas, bound to the batch's rows.
         insertion: ``parallel``, ``sequential`` or ``multiplicative``.
         source: ``module`` (Δ reads the module's input) or ``sublayer`` (the captured sub-layer input).
         out_slice: (start, stop) of the output features it modifies, or None.
     """
 
-    group: Group
+    group: Bound
     insertion: Literal["parallel", "sequential", "multiplicative"]
     source: Literal["module", "sublayer"]
     out_slice: tuple[int, int] | None
@@ -41,7 +41,7 @@ class Step:
         """h after this step, for every row."""
         part = h if self.out_slice is None else h[..., self.out_slice[0]:self.out_slice[1]]
         if self.insertion == "multiplicative":
-            joined = self.group.scale(part)  # type: ignore[attr-defined]
+            joined = self.group.scale(part)
         else:
             if self.insertion == "sequential":
                 z = part
@@ -75,7 +75,7 @@ class SitePlan:
     site: nn.Module
     name: str
     rows: int
-    pre: list[ScaleGroup] = field(default_factory=list)
+    pre: list[Bound] = field(default_factory=list)
     replace: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
     base_rows: bool = True
     post: list[Step] = field(default_factory=list)
