@@ -8,7 +8,7 @@ by both libraries with weights (0.5, 0.3, 0.2). For each type the script prints 
 seeded stream for both, so their random masks are the same (see tests/core/test_combine_hf.py).
 
     python benchmarks/combine.py                       # smollm2-135m
-    python benchmarks/combine.py --model minilm --repeats 5 --out combine.json
+    python benchmarks/combine.py --model minilm --repeats 5 --threads 2 --out combine.json
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(TARGETS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a busy machine two threads make LAPACK's SVD 10x slower)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     kind, targets = TARGETS[args.model]
     base, _ = load_model(args.model, kind=kind)
