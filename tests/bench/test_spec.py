@@ -87,3 +87,13 @@ def test_customize_task_methods_seeds_and_sets():
         customize(load_spec("nlu"), methods=["nope"])
     with pytest.raises(ValueError, match="unknown key 'max_stepz'"):
         customize(load_spec("nlu"), sets=["max_stepz=3"])
+
+
+def test_the_user_jsonl_example_parses():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "bench_user_jsonl.yaml"
+    spec = customize(load_spec(str(path)), sets=["jsonl.train_path=my/train.jsonl"])
+    config = spec.config(spec.method("lora"), 1, "o")
+    assert config.jsonl is not None and config.jsonl.train_path == "my/train.jsonl" and config.task == "reviews"
+    assert config.jsonl.label_names == ("negative", "positive")
