@@ -32,15 +32,15 @@ def llama_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
-def load(folder: str, bits: int | None) -> torch.nn.Module:
-    """The model, quantized with bitsandbytes through transformers' own loading path (None: float32)."""
+def load(folder: str, bits: int | None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model, quantized with bitsandbytes through transformers' own loading path (None: not quantized)."""
     kwargs = {}
     if bits == 4:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     elif bits == 8:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu", **kwargs)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu", **kwargs)
     return model.eval()
 
 
@@ -205,3 +205,22 @@ def test_dequantizing_an_adapted_model_makes_the_merge_exact(llama_folder):
     errors = peft.merge(check=True, tolerance=1e-5)
     assert max(errors.values()) < 1e-5
     torch.testing.assert_close(model(input_ids=ids()).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bfloat16_qlora_runs_its_deltas_in_the_compute_dtype(llama_folder, bits):
+    model = load(llama_folder, bits, dtype=torch.bfloat16)
+    peft = unipeft.attach(model, "lora", r=4)
+    assert {p.dtype for p in peft.trainable_parameters()} == {torch.bfloat16}
+    randomize(peft)
+    batch = ids()
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad is not None for p in peft.trainable_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = peft.merge(check=True, tolerance=float("inf"))
+    assert all(e == e for e in errors.values())  # probes ran (in bfloat16) and gave numbers
+    peft.unmerge()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key

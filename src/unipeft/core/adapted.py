@@ -20,7 +20,7 @@ from unipeft.core.compose import build_composition
 from unipeft.core.delta import SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
-from unipeft.core.quant import weight_shape
+from unipeft.core.quant import is_quantized, weight_shape
 from unipeft.core.safe_merge import DEFAULT_TOLERANCE
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
@@ -161,8 +161,11 @@ class Peft:
             form = spec.form.build(SiteShape(d_in=d_in, d_out=d_out, base=base, out_slice=site.out_slice))
             compose = build_composition(spec.composition, scale=spec.scale, learn_scale=spec.learn_scale, d_in=d_in)
         placed = Placed(form, compose, insertion=insertion, source=source, out_slice=site.out_slice)
-        if weight is not None and weight.is_floating_point() and weight.dtype != torch.float32:
-            placed.to(weight.dtype)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+        if weight is not None and is_quantized(base):  # the dtype it computes in: its own, or the model's
+            dtype = getattr(base, "compute_dtype", None) or getattr(self.model, "dtype", None)
+        if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+            placed.to(dtype)
         return placed
 
     def set_active(self, *names: str) -> None:

@@ -47,9 +47,11 @@ class MergeCheckError(ValueError):
         self.errors = errors
 
 
-def probe_input(base: nn.Module, generator: torch.Generator) -> torch.Tensor | None:
-    """A random input for one base module: N(0, 1) rows of its input width, or token ids for an embedding;
-    None for a module whose input cannot be made up."""
+def probe_input(site: nn.Module, generator: torch.Generator) -> torch.Tensor | None:
+    """A random input for one site (a base module and its deltas): N(0, 1) rows of the base's input width, in the
+    dtype of the site's first floating-point parameter (a quantized base's bias or deltas), or token ids for an
+    embedding; None for a module whose input cannot be made up."""
+    base = getattr(site, "base", site)
     weight = next(iter(base.parameters()), None)
     device = weight.device if weight is not None else torch.device("cpu")
     if isinstance(base, nn.Embedding):
@@ -60,8 +62,8 @@ def probe_input(base: nn.Module, generator: torch.Generator) -> torch.Tensor | N
         return None
     if d_in is None:
         return None
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
-    dtype = dtype or getattr(base, "compute_dtype", None) or torch.float32
+    floating = next((p for p in site.parameters() if p.is_floating_point()), None)
+    dtype = floating.dtype if floating is not None else torch.float32
     return torch.randn(PROBE_ROWS, d_in, generator=generator).to(device, dtype)
 
 
@@ -133,7 +135,7 @@ def checked_merge(peft: "Peft", names: list[str], *, tolerance: float = DEFAULT_
     # a site also hosting a sub-layer delta needs its sub-layer's input, which only a whole-model forward provides
     alone = [m for m in modules if all(p.source == "module" for n in running if n in sites[m].adapters
                                        for p in sites[m].adapters[n])]
-    inputs = {m: x for m in alone if (x := probe_input(sites[m].base, generator)) is not None}
+    inputs = {m: x for m in alone if (x := probe_input(sites[m], generator)) is not None}
     skipped = [m for m in modules if m not in inputs]
     if skipped:
         log.info("checked merge: no probe input for %s; only a model probe covers them", ", ".join(skipped[:5]))
