@@ -152,3 +152,23 @@ def test_adapter_trainer_trains_a_4bit_base(tiny_llama_path, tmp_path):
 def test_adapter_trainer_needs_adapters(tiny, tmp_path):
     with pytest.raises(ValueError, match="no unipeft adapters"):
         AdapterTrainer(model=tiny.model("bert"), args=args(tmp_path))
+
+
+def test_adapter_trainer_loads_the_best_adapter_at_the_end(tiny, tmp_path):
+    examples = tiny_examples(tiny)
+    model = tiny.model("bert")
+    peft = attach_sst2(model)
+    trainer = AdapterTrainer(
+        model=model, args=args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                               eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                               greater_is_better=True, learning_rate=5e-2),  # "best" = the first: not the last state
+        train_dataset=examples, eval_dataset=examples[:8], data_collator=lambda batch: collate(batch, 0))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-2"
+    saved = load_file(str(best / "adapter_model.safetensors"))
+    last = load_file(str(best.parent / "checkpoint-6" / "adapter_model.safetensors"))
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    assert saved.keys() == peft.adapter_state_dict("default").keys()
+    for key, tensor in peft.adapter_state_dict("default").items():
+        assert torch.equal(tensor, saved[key]), key
