@@ -3,8 +3,8 @@
 Every row of a batch of ``--batch`` sequences uses one of k distinct LoRA adapters (r=8, α=16 on ``attn.q`` and
 ``attn.v``, B drawn non-zero), row b taking adapter b mod k. The contenders run the same model on the same batch:
 
-* ``unipeft/k``:   ``with peft.mixed_batch(names): model(...)``, k = each of ``--adapters`` (stacks are rebuilt on
-  every entry of the block, and that is timed too);
+* ``unipeft/k``:   ``with peft.mixed_batch(names): model(...)``, k = each of ``--adapters``; entering the block
+  (gathering the adapters' stacks for the rows) is timed too, once per prefill and once per decode measurement;
 * ``peft/k``:      HF peft's ``model(..., adapter_names=names)`` with the same adapters (the same A and B);
 * ``unipeft/single`` and ``peft/single``: every row with one adapter, the ordinary forward (``set_active`` /
   ``set_adapter``): what one batch costs when it needs no mixing;
@@ -33,7 +33,8 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -110,19 +111,22 @@ def adapter_name(i: int) -> str:
 
 @dataclass(eq=False)
 class Contender:
-    """One way of running a batch: ``run(**inputs)`` does one forward and returns the model output.
+    """One way of running a batch: inside ``block()``, ``run(**inputs)`` does one forward and returns the output.
 
     Attributes:
         name: e.g. ``unipeft/8``, ``peft/single``, ``floor``.
         library: ``unipeft``, ``peft`` or ``none``.
         k: distinct adapters in the batch (0 for the floor).
         run: the forward.
+        block: the context every measurement runs in, entered once per prefill and once per decode measurement
+            (unipeft's ``mixed_batch``, as a server enters it once per batch and keeps it for the decoding steps).
     """
 
     name: str
     library: str
     k: int
     run: Callable[..., Any]
+    block: Callable[[], ContextManager[Any]] = nullcontext
     times: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -196,12 +200,6 @@ def build_contenders(base: nn.Module, setup: Setup) -> list[Contender]:
     uni.set_active(adapter_name(0))  # the single-adapter contenders run the first adapter; the mixed ones
     peft_model.set_adapter(adapter_name(0))  # ignore the active adapter
 
-    def uni_mixed(names: list[str]) -> Callable[..., Any]:
-        def run(**inputs: Any) -> Any:
-            with uni.mixed_batch(names):
-                return uni_model(**inputs)
-        return run
-
     def peft_mixed(names: list[str]) -> Callable[..., Any]:
         return lambda **inputs: peft_model(**inputs, adapter_names=names)
 
@@ -209,7 +207,8 @@ def build_contenders(base: nn.Module, setup: Setup) -> list[Contender]:
     contenders += [Contender("unipeft/single", "unipeft", 1, uni_model),
                    Contender("peft/single", "peft", 1, peft_model)]
     for k in setup.adapters:
-        contenders += [Contender(f"unipeft/{k}", "unipeft", k, uni_mixed(setup.names(k))),
+        contenders += [Contender(f"unipeft/{k}", "unipeft", k, uni_model,
+                                 block=lambda names=setup.names(k): uni.mixed_batch(names)),
                        Contender(f"peft/{k}", "peft", k, peft_mixed(setup.names(k)))]
     return contenders
 
@@ -225,15 +224,18 @@ def make_inputs(vocab: int, setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prefill(contender: Contender, prompt: torch.Tensor) -> Any:
     """One forward over the prompts, logits of the last position only, keeping the KV cache."""
-    return contender.run(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True, logits_to_keep=1)
+    with contender.block():
+        return contender.run(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True,
+                             logits_to_keep=1)
 
 
 def decode(contender: Contender, cache: Any, steps: torch.Tensor) -> None:
     """``steps.shape[1]`` one-token forwards on ``cache``, then the cache cropped back to the prompt."""
     past = cache.get_seq_length()
-    for i in range(steps.shape[1]):
-        mask = torch.ones(steps.shape[0], past + i + 1, dtype=torch.long, device=steps.device)
-        contender.run(input_ids=steps[:, i:i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+    with contender.block():
+        for i in range(steps.shape[1]):
+            mask = torch.ones(steps.shape[0], past + i + 1, dtype=torch.long, device=steps.device)
+            contender.run(input_ids=steps[:, i:i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
     cache.crop(-steps.shape[1])
 
 
@@ -395,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(model=args.model, batch=args.batch, seq=args.seq, decode_steps=args.decode_steps,
                   adapters=tuple(args.adapters), phases=tuple(args.phases), rounds=args.rounds, warmup=args.warmup,
                   threads=args.threads, seed=args.seed, device=args.device)
+    torch.set_num_threads(setup.threads)  # before the environment is recorded, which notes the thread count
     started, load_before = datetime.now(timezone.utc), os.getloadavg()
     env = environment(sys.argv if argv is None else [sys.argv[0], *argv])
     result = run_benchmark(setup, log=lambda m: print(m, file=sys.stderr, flush=True))

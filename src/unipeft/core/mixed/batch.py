@@ -86,7 +86,8 @@ class MixedBatch:
                 if not stacks.current(site, self.adapters):  # changed since the handle was made: bring them up to date
                     stacks = self._stacks[module] = site_stacks(site, self.adapters)
                     _refuse({module: stacks}, self.adapters)
-            self._plans = {module: self._plan(module, peft._sites[module], stacks)
+            index = self._slot_tensors()
+            self._plans = {module: self._plan(module, peft._sites[module], stacks, index)
                            for module, stacks in self._stacks.items()}
         for site in peft._sites.values():  # nothing of the active adapters runs (prefixes, prompts included)
             site.set_active([])
@@ -100,7 +101,8 @@ class MixedBatch:
             site.set_active(self.peft.active)
         self._plans = {}
 
-    def _plan(self, module: str, site: "DeltaSite", stacks: SiteStacks) -> SitePlan:
+    def _plan(self, module: str, site: "DeltaSite", stacks: SiteStacks,
+              index: dict[tuple[int, ...], torch.Tensor]) -> SitePlan:
         plan = SitePlan(site=site, name=module, rows=len(self.names))
         device = next((t.device for t in site.base.parameters()), torch.device("cpu"))
         for adapter, copy in stacks.replace.items():
@@ -109,16 +111,28 @@ class MixedBatch:
                 plan.replace.append((copy, torch.tensor(rows, dtype=torch.long, device=device)))
         plan.base_rows = any(n not in stacks.replace for n in self.names)
         for stage in stacks.stages:
-            slots = [stage.slot_of.get(n, 0) for n in self.names]  # type: ignore[arg-type]
+            slots = tuple(stage.slot_of.get(n, 0) for n in self.names)  # type: ignore[arg-type]
             if not any(slots):
                 continue  # no row's adapter has this delta
-            bound = stage.group.bind(slots)
+            bound = stage.group.bind(slots, index.get(slots))
             if stage.insertion == "multiplicative_input":
                 plan.pre.append(bound)
             else:
                 plan.post.append(Step(group=bound, insertion=stage.insertion, source=stage.source,  # type: ignore
                                       out_slice=stage.out_slice))
         return plan
+
+    def _slot_tensors(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """Every distinct slot list of the batch's groups as a tensor on the stacks' device, in one host-to-device
+        copy (the lists repeat: usually every site of one kind has the same one)."""
+        lists = {tuple(stage.slot_of.get(n, 0) for n in self.names): stage.group.device  # type: ignore[arg-type]
+                 for stacks in self._stacks.values() for stage in stacks.stages}
+        out: dict[tuple[int, ...], torch.Tensor] = {}
+        for device in set(lists.values()):
+            keys = [k for k, d in lists.items() if d == device]
+            table = torch.tensor(keys, dtype=torch.long).to(device)  # (lists, B)
+            out.update(zip(keys, table.unbind(0)))
+        return out
 
 
 def _refuse(stacks: dict[str, SiteStacks], adapters: list[str]) -> None:

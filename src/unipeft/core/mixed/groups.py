@@ -64,12 +64,18 @@ class Group:
     def __init__(self) -> None:
         self.stacks: dict[str, torch.Tensor] = {}
 
-    def bind(self, slots: Sequence[int]) -> "Bound":
-        """The stacks gathered for a batch whose row b uses slot ``slots[b]``."""
+    @property
+    def device(self) -> torch.device:
+        """Where the stacks are."""
+        return next(iter(self.stacks.values())).device
+
+    def bind(self, slots: Sequence[int], index: torch.Tensor | None = None) -> "Bound":
+        """The stacks gathered for a batch whose row b uses slot ``slots[b]``; ``index`` is ``slots`` as a tensor on
+        the stacks' device, if the caller has it (one host-to-device copy for many groups)."""
         first = slots[0]
         uniform = first if all(s == first for s in slots) else None
-        device = next(iter(self.stacks.values())).device
-        index = torch.tensor(list(slots), dtype=torch.long, device=device)
+        if index is None:
+            index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         rows: Rows = {}
         for name, stack in self.stacks.items():
             if name in self.keep_whole and uniform is None:

@@ -93,7 +93,8 @@ def site_stacks(site: "DeltaSite", adapters: "list[str] | None" = None) -> SiteS
 
 
 def _structure(site: "DeltaSite") -> tuple:
-    return tuple((name, placements, len(placements)) for name, placements in site.adapters._modules.items())
+    # ModuleDict/ModuleList without their Python-level accessors: this runs for every site on every batch
+    return tuple((name, placements, len(placements._modules)) for name, placements in site.adapters._modules.items())
 
 
 def _build(site: "DeltaSite") -> SiteStacks:
