@@ -224,3 +224,14 @@ def test_bfloat16_qlora_runs_its_deltas_in_the_compute_dtype(llama_folder, bits)
     peft.unmerge()
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[key]), key
+
+
+def test_qlora_adapter_in_hf_format_loads_into_hf_peft_on_the_same_4bit_base(llama_folder, tmp_path):
+    peft_lib = pytest.importorskip("peft")
+    model = load(llama_folder, 4)
+    peft = unipeft.attach(model, "lora", r=4)
+    randomize(peft)
+    peft.save_pretrained(str(tmp_path), format="hf")
+    theirs = peft_lib.PeftModel.from_pretrained(load(llama_folder, 4), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids()).logits, model(input_ids=ids()).logits, rtol=0, atol=1e-6)
