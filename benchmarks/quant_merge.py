@@ -36,13 +36,13 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-import unipeft  # noqa: E402
-from unipeft.core.quant import quant_scheme  # noqa: E402
-from unipeft.data import collate, encode, get_task, load_rows  # noqa: E402
-from unipeft.models.gguf import cached_gguf_folder  # noqa: E402
-from unipeft.models.registry import resolve_model  # noqa: E402
+import unipeft
+from unipeft.core.quant import quant_scheme
+from unipeft.data import collate, encode, get_task, load_rows
+from unipeft.models.gguf import cached_gguf_folder
+from unipeft.models.registry import resolve_model
 
 log = logging.getLogger("quant_merge")
 PRECISIONS = ("float32", "int8", "nf4", "nf4→float")

@@ -9,7 +9,7 @@ Compiling costs seconds even for a tiny model (TorchDynamo + AOTAutograd tracing
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "integration.md"
 
 
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
 def test_the_page_has_examples():

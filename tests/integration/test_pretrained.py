@@ -51,7 +51,7 @@ def test_several_adapters_go_in_subfolders_with_an_index(tiny, randomize, tmp_pa
 
 
 def test_resaving_replaces_a_stale_layout(tiny, randomize, tmp_path):
-    model, peft = adapted(tiny, randomize, names=("a", "b"))
+    _, peft = adapted(tiny, randomize, names=("a", "b"))
     peft.save_pretrained(str(tmp_path), ["a"])
     peft.save_pretrained(str(tmp_path), ["a", "b"])  # the stale root adapter must not shadow the index
     assert not (tmp_path / "adapter_config.json").exists()

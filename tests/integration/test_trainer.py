@@ -100,7 +100,7 @@ def tiny_examples(tiny, n: int = 16) -> list[dict]:
 
 def test_adapter_trainer_checkpoints_the_adapter_only_and_resumes(tiny, tmp_path):
     examples = tiny_examples(tiny)
-    collator = lambda batch: collate(batch, 0)  # noqa: E731
+    collator = lambda batch: collate(batch, 0)
     model = tiny.model("bert")
     attach_sst2(model)
     trainer = AdapterTrainer(model=model, args=args(tmp_path / "run", max_steps=4, save_strategy="steps",

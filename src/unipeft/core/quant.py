@@ -151,7 +151,7 @@ class QuantizedOriginal:
     bias: torch.Tensor | None
 
 
-def refold_quantized(site: "DeltaSite", merged: list[str]) -> None:
+def refold_quantized(site: DeltaSite, merged: list[str]) -> None:
     """Make ``site.base``'s weight Q(Deq(Q(W₀)) + Σ ΔW) over the adapters ``merged`` (see the module docstring), or
     restore Q(W₀) and the bias exactly when the list is empty. The caller records ``merged`` in ``site.merged``.
 
@@ -189,5 +189,12 @@ def refold_quantized(site: "DeltaSite", merged: list[str]) -> None:
             bias.copy_(folded_bias.to(bias.dtype))
 
 
-__all__ = ["QuantScheme", "QuantizedOriginal", "SCHEMES", "quant_scheme", "is_quantized", "weight_shape",
-           "refold_quantized"]
+__all__ = [
+    "SCHEMES",
+    "QuantScheme",
+    "QuantizedOriginal",
+    "is_quantized",
+    "quant_scheme",
+    "refold_quantized",
+    "weight_shape",
+]

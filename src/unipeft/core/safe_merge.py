@@ -8,15 +8,17 @@ quantized base, where the merged weight is rounded to the quantization grid (see
     err_model = max |model_merged(probe) − model_unmerged(probe)|   (logits; only with a user probe)
 
 and raises — after unmerging again and restoring the base bit for bit (float weights from a copy taken before the
-merge, quantized ones from the codes the site keeps) — if any of them exceeds the tolerance or is not finite. HF peft's ``safe_merge`` checks the merged weights for NaNs only; this also
-catches a merge that is finite but wrong (or too lossy for the user's taste).
+merge, quantized ones from the codes the site keeps) — if any of them exceeds the tolerance or is not finite. HF
+peft's ``safe_merge`` checks the merged weights for NaNs only; this also catches a merge that is finite but wrong (or
+too lossy for the user's taste).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -91,7 +93,7 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
-def _run(peft: "Peft", sites: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
+def _run(peft: Peft, sites: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
          probe: Mapping[str, Any] | torch.Tensor | None) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         out = {m: _output(sites[m](x)).float() for m, x in inputs.items()}
@@ -101,7 +103,7 @@ def _run(peft: "Peft", sites: dict[str, nn.Module], inputs: dict[str, torch.Tens
     return out
 
 
-def checked_merge(peft: "Peft", names: list[str], *, tolerance: float = DEFAULT_TOLERANCE,
+def checked_merge(peft: Peft, names: list[str], *, tolerance: float = DEFAULT_TOLERANCE,
                   probe: Mapping[str, Any] | torch.Tensor | None = None) -> dict[str, float]:
     """Merge ``names`` into the base and check the outputs against the unmerged adapters (see the module docstring).
 
@@ -166,4 +168,4 @@ def checked_merge(peft: "Peft", names: list[str], *, tolerance: float = DEFAULT_
     return errors
 
 
-__all__ = ["checked_merge", "probe_input", "MergeCheckError", "DEFAULT_TOLERANCE"]
+__all__ = ["DEFAULT_TOLERANCE", "MergeCheckError", "checked_merge", "probe_input"]
