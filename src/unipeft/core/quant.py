@@ -55,9 +55,10 @@ class _Bnb4bit:
         import bitsandbytes as bnb
 
         weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # repacked by an inference forward on a CPU
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # with AVX512-BF16 (bnb's own
-            # _save_to_state_dict undoes it the same way)
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # repacked in place by an inference forward on a CPU with AVX512-BF16; undone as bnb's state_dict does
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
             module.quant_state = weight.quant_state
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
