@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from unipeft.core.atomic import atomic_write_text
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -135,8 +137,5 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON, creating the parent folder; returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    return out
+    """Write ``data`` as indented JSON, creating the parent folder, atomically; returns the path."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from unipeft.core.adapted import _HANDLE
+from unipeft.core.atomic import atomic_write_json
 from unipeft.core.io import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -60,12 +61,6 @@ def _save_one(peft: Peft, folder: Path, name: str, format: Format) -> None:
         _write_into(folder, lambda staged: save_adapter(peft, staged, name))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_pretrained(peft: Peft, directory: str | os.PathLike, adapters: Sequence[str] | None = None, *,
                     format: Format = "unipeft") -> Path:
     """Save adapters (default: the active ones) to ``directory`` (see the module docstring for the layout).
@@ -100,7 +95,7 @@ def save_pretrained(peft: Peft, directory: str | os.PathLike, adapters: Sequence
         _save_one(peft, folder / name, name, format)
     for stale in (CONFIG_NAME, WEIGHTS_NAME):  # a stale root adapter would be loaded instead of the index
         (folder / stale).unlink(missing_ok=True)
-    _write_json(folder / INDEX_NAME, {"format": format, "adapters": names,
+    atomic_write_json(folder / INDEX_NAME, {"format": format, "adapters": names,
                                       "active": [n for n in peft.active if n in names]})
     return folder
 

@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from unipeft.core.atomic import atomic_write_file
 
 
 def peak_rss_mib() -> float:
     """The peak resident memory of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _finite(value: Any) -> Any:
@@ -47,7 +32,7 @@ def _finite(value: Any) -> Any:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path``, atomically (temporary file + ``os.replace``)."""
     text = json.dumps(_finite(data), indent=2) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def plot_curves(path: Path, history: dict[str, list[dict[str, float]]], metric: str, title: str) -> None:
@@ -81,7 +66,7 @@ def plot_curves(path: Path, history: dict[str, list[dict[str, float]]], metric: 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 __all__ = ["peak_rss_mib", "write_json", "plot_curves"]
