@@ -15,12 +15,12 @@ import resource
 import shlex
 import statistics
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from unipeft.bench.env import cpu_model, version_of
 from unipeft.core.atomic import atomic_write_text
 
 _STATUS = Path("/proc/self/status")
@@ -60,25 +60,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-def version_of(package: str) -> str | None:
-    """The installed version of a distribution, or None."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:

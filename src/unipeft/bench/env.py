@@ -12,14 +12,16 @@ from typing import Any
 PACKAGES = ("unipeft", "torch", "transformers", "safetensors", "numpy", "sacrebleu", "matplotlib")
 
 
-def _version(package: str) -> str | None:
+def version_of(package: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), or ``platform.processor()``."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -61,8 +63,8 @@ def environment() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         pass
     return {
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "versions": {"python": platform.python_version(), **{p: version_of(p) for p in PACKAGES}},
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                     "memory_gib": memory, "cuda_device": cuda},
         "git": _git(Path(__file__).resolve().parent),
@@ -70,4 +72,4 @@ def environment() -> dict[str, Any]:
     }
 
 
-__all__ = ["environment", "load_average"]
+__all__ = ["environment", "load_average", "version_of", "cpu_model"]
