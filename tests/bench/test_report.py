@@ -59,6 +59,18 @@ def test_results_table_equals_the_summary():
         assert row["seeds"] == "0,1"
 
 
+def test_every_table_row_has_as_many_cells_as_its_header():
+    lines = [line for line in render_report(data()).splitlines() if line.startswith("|")]
+    header_cells = None
+    for line in lines:
+        cells = line.count("|")
+        if line.startswith("|---"):
+            continue
+        if header_cells is None or line.startswith("| method |"):
+            header_cells = cells
+        assert cells == header_cells, line
+
+
 def test_runs_table_has_every_record():
     rows = table_rows(render_report(data()), "method | seed")
     assert [(r["method"], int(r["seed"]), float(r["accuracy"])) for r in rows] == \

@@ -52,7 +52,7 @@ def quality_figure(summary: Sequence[Mapping[str, Any]], title: str) -> Any:
         points = ax.errorbar(xs, ys, yerr=errs, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3, zorder=3)
         points.lines[0].set_gid("methods")
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:orange", linewidth=1.5,
-                label="Pareto front", zorder=2, gid="front")
+                marker="o", markersize=10, markerfacecolor="none", label="Pareto front", zorder=2, gid="front")
         for i, r in enumerate(rows):
             ax.annotate(r["name"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color="tab:orange" if i in front else "black")

@@ -80,7 +80,7 @@ def runs_table(records: Sequence[Mapping[str, Any]]) -> str:
              fmt(r.get("process_peak_rss_mib"), "f0"), fmt(r["latency"]["merge_max_abs_diff"], "metric")]
             for r in records]
     return _table(["method", "seed", "steps", records[0]["main_metric"] if records else "metric", "train s",
-                   "process s", "peak RSS MiB (train)", "peak RSS MiB (process)", "max |merged − unmerged|"], rows)
+                   "process s", "peak RSS MiB (train)", "peak RSS MiB (process)", "max abs(merged − unmerged)"], rows)
 
 
 def _samples(records: Sequence[Mapping[str, Any]]) -> str:
