@@ -15,7 +15,7 @@ def record(name: str, seed: int, accuracy: float, *, params: int, method: str | 
         "trainable_percent": 100 * params / (22_713_986 + params), "adapter_bytes": 4 * params + 1000,
         "adapter_params": params, "peak_rss_mib": peak + seed, "cuda_peak_mib": None, "train_time_s": train_s + seed,
         "train_wall_s": train_s + 20, "steps_per_s": 2.0, "examples_per_s": 64.0, "tokens_per_s": 1000.0 + seed,
-        "threads": 1, "process_peak_rss_mib": peak + 50, "process_wall_s": train_s + 30,
+        "threads": 1, "peak_rss_with_eval_mib": peak + 20, "process_peak_rss_mib": peak + 50, "process_wall_s": train_s + 30,
         "latency": {"batch_size": 32, "tokens": 500, "unmerged_ms": 25.0 + seed, "merged_ms": merged,
                     "merge_max_abs_diff": 1e-6 if merged is not None else None, "merge_error": None,
                     "warmup": 2, "repeats": 10},

@@ -54,7 +54,8 @@ def test_numbers_come_from_the_runs_and_match_inspect(sst2_bench):
         assert f"{record['trainable_percent']:.4f}%" == row[2]
         latency = record["latency"]
         assert latency["merged_ms"] is not None and latency["merge_max_abs_diff"] < 1e-4
-        assert record["process_peak_rss_mib"] >= record["peak_rss_mib"] > 100
+        assert record["process_peak_rss_mib"] >= record["peak_rss_with_eval_mib"] >= record["peak_rss_mib"] > 100
+        assert record["malloc_mmap_threshold"] == "131072"  # the worker ran with the spec's allocator setting
         assert record["adapter_params"] == record["trainable_params"]  # LoRA + head copy / biases + head copy
         assert record["cuda_peak_mib"] is None
     summary = {r["name"]: r for r in data["summary"]}

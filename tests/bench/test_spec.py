@@ -52,6 +52,7 @@ def test_entry_forms():
     ({"seeds": [-1]}, "seeds must be a non-empty list of non-negative integers"),
     ({"latency": {"repeats": 0}}, "latency.repeats must be a positive integer"),
     ({"latency": {"warm": 1}}, "unknown latency key(s) warm"),
+    ({"malloc_mmap_threshold": -1}, "malloc_mmap_threshold must be a non-negative integer (bytes) or null"),
     ({"methods": [3]}, "methods[0]: expected a recipe name"),
     ({"name": "a b"}, "bench name 'a b' must be letters"),
 ])

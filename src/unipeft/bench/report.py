@@ -77,10 +77,12 @@ def runs_table(records: Sequence[Mapping[str, Any]]) -> str:
     """One row per (method, seed): the main metric, steps, times and memory."""
     rows = [[r["name"], str(r["seed"]), str(r["steps"]), fmt(r["metrics"].get(r["main_metric"]), "metric"),
              fmt(r["train_time_s"], "f1"), fmt(r.get("process_wall_s"), "f1"), fmt(r["peak_rss_mib"], "f0"),
-             fmt(r.get("process_peak_rss_mib"), "f0"), fmt(r["latency"]["merge_max_abs_diff"], "metric")]
+             fmt(r.get("peak_rss_with_eval_mib"), "f0"), fmt(r.get("process_peak_rss_mib"), "f0"),
+             fmt(r["latency"]["merge_max_abs_diff"], "metric")]
             for r in records]
     return _table(["method", "seed", "steps", records[0]["main_metric"] if records else "metric", "train s",
-                   "process s", "peak RSS MiB (train)", "peak RSS MiB (process)", "max abs(merged − unmerged)"], rows)
+                   "process s", "peak RSS MiB (training)", "+ final eval", "whole process",
+                   "max abs(merged − unmerged)"], rows)
 
 
 def _samples(records: Sequence[Mapping[str, Any]]) -> str:
@@ -122,9 +124,11 @@ DEFINITIONS = """\
   new classification head included), of all parameters of the adapted model; prefix tuning's reparameterisation MLP
   trains but is not saved, so it counts here and not in the adapter file.
 - **adapter MiB**: the saved adapter folder (safetensors + config); full fine-tuning saves the whole model.
-- **peak RSS**: the training process's peak resident memory at the end of training (`ru_maxrss`: model, data,
-  optimizer state, activations); each run is a fresh process. The per-run table also gives the peak of the whole
-  worker process as the parent saw it (`wait4`), which includes the latency measurement after training.
+- **peak RSS**: the worker process's peak resident memory (`ru_maxrss`) from its start through the last training
+  step (Python and torch, model, tokenised data, optimizer state, activations); each run is a fresh process. The
+  per-run table adds the peak including the final evaluation, and the whole process's peak as the parent saw it
+  (`wait4`, with the latency measurement). Workers run with `MALLOC_MMAP_THRESHOLD_` set (see the spec's
+  `malloc_mmap_threshold`) so that freed tensors leave the resident set and the peak follows live memory.
 - **train s / tokens/s**: seconds spent in optimizer steps (evaluation and loading excluded) and real (unpadded)
   tokens per second over them.
 - **latency / merged ms**: the median forward time of one fixed batch of evaluation examples in inference mode,

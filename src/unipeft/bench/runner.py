@@ -52,7 +52,8 @@ def job_for(spec: BenchSpec, method: MethodRun, seed: int, run_dir: Path) -> dic
     """The job of one run: its training config and measurement settings, as plain JSON data."""
     config = spec.config(method, seed, str(run_dir)).to_dict()
     config["progress"] = False  # the worker's log lines are relayed; a bar would not survive the pipe
-    job = {"name": method.name, "config": config, "latency": spec.to_dict()["latency"], "samples": spec.samples}
+    job = {"name": method.name, "config": config, "latency": spec.to_dict()["latency"], "samples": spec.samples,
+           "malloc_mmap_threshold": spec.malloc_mmap_threshold}
     return json.loads(json.dumps(job))
 
 
@@ -77,6 +78,9 @@ def run_worker(job: dict[str, Any], run_dir: Path, echo: Callable[[str], None]) 
     out_path.unlink(missing_ok=True)
     started = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if job.get("malloc_mmap_threshold") is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(job["malloc_mmap_threshold"])
     proc = subprocess.Popen([sys.executable, "-m", "unipeft.bench.worker", str(job_path), str(out_path)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)

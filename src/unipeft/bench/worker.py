@@ -48,8 +48,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from unipeft.train import train, train_config_from_dict
     from unipeft.train.loop import ADAPTER_NAME, model_kind
 
+    from unipeft.train.report import peak_rss_mib
+
     config = train_config_from_dict(job["config"])
-    result = train(config)
+    training_peak = [0.0]  # the process's peak RSS after the last training step, before the final evaluation
+
+    def on_step(step: int, loss: float) -> None:
+        training_peak[0] = peak_rss_mib()
+
+    result = train(config, on_step=on_step)
     metrics = json.loads((result.output_dir / "metrics.json").read_text(encoding="utf-8"))
 
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
@@ -73,7 +80,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "trainable_percent": result.trainable_percent,
         "adapter_bytes": folder_bytes(result.adapter_dir),
         "adapter_params": safetensors_numel(adapter_file) if adapter_file.is_file() else None,
-        "peak_rss_mib": result.peak_rss_mib, "cuda_peak_mib": cuda_peak_mib(),
+        "peak_rss_mib": training_peak[0], "peak_rss_with_eval_mib": result.peak_rss_mib,
+        "cuda_peak_mib": cuda_peak_mib(), "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "train_time_s": result.train_time_s, "train_wall_s": result.wall_time_s,
         "steps_per_s": throughput["steps_per_s"], "examples_per_s": throughput["examples_per_s"],
         "tokens_per_s": throughput["tokens_per_s"], "threads": metrics["threads"],
