@@ -8,7 +8,7 @@ import pytest
 
 from tests.bench.fake import RECORDS
 from unipeft.bench import pareto_front, summarize
-from unipeft.bench.plots import bars_figure, quality_figure
+from unipeft.bench.plots import bars_figure, label_offsets, quality_figure
 from unipeft.bench.report import fmt, render_report, write_report
 
 ORDER = ["full", "lora", "bitfit", "prefix"]
@@ -117,3 +117,25 @@ def test_write_report_writes_markdown_and_small_pngs(tmp_path):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and 1000 < len(png) < 200_000
         assert f"]({name})" in path.read_text()
+
+
+def _boxes(xs, ys, names, offsets, size=(480.0, 300.0)):
+    import math
+    us = [math.log10(x) for x in xs]
+    px = [(u - min(us)) / ((max(us) - min(us)) or 1.0) * size[0] for u in us]
+    py = [(y - min(ys)) / ((max(ys) - min(ys)) or 1.0) * size[1] for y in ys]
+    return [(px[i] + dx, py[i] + dy, px[i] + dx + 4.2 * len(n), py[i] + dy + 9.0)
+            for i, (n, (dx, dy)) in enumerate(zip(names, offsets))]
+
+
+def test_point_labels_do_not_overlap():
+    # ia3, compacter and bitfit of the NLU report: three points at almost the same place
+    xs, ys = [14_594, 15_090, 26_114, 8_450, 22_713_986], [0.8028, 0.8028, 0.8028, 0.7053, 0.8360]
+    names = ["ia3", "compacter", "bitfit", "prompt", "full"]
+    offsets = label_offsets(xs, ys, names)
+    boxes = _boxes(xs, ys, names, offsets)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert offsets[3] == (4.0, 4.0) and offsets[4] == (4.0, 4.0)  # isolated labels stay where they were
+    assert label_offsets([], [], []) == []

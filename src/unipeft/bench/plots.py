@@ -53,8 +53,9 @@ def quality_figure(summary: Sequence[Mapping[str, Any]], title: str) -> Any:
         points.lines[0].set_gid("methods")
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:orange", linewidth=1.5,
                 marker="o", markersize=10, markerfacecolor="none", label="Pareto front", zorder=2, gid="front")
+        offsets = label_offsets(xs, ys, [r["name"] for r in rows])
         for i, r in enumerate(rows):
-            ax.annotate(r["name"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+            ax.annotate(r["name"], (xs[i], ys[i]), textcoords="offset points", xytext=offsets[i], fontsize=7,
                         color="tab:orange" if i in front else "black")
         ax.set_xscale("log")
         ax.set_ylabel(f"{metric} ({'higher' if better else 'lower'} is better)")
@@ -63,6 +64,38 @@ def quality_figure(summary: Sequence[Mapping[str, Any]], title: str) -> Any:
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def label_offsets(xs: Sequence[float], ys: Sequence[float], names: Sequence[str],
+                  size: tuple[float, float] = (480.0, 300.0), char_width: float = 4.2,
+                  line: float = 9.0) -> list[tuple[float, float]]:
+    """Offsets (points) for point labels that do not overlap: each label goes up-right of its point, or is moved
+    up/down by whole lines until its box clears the labels placed before it.
+
+    Positions are approximated in points on an axes of ``size`` (x log-scaled, as the quality plot), a label's box
+    as ``char_width`` per character by ``line`` high. Points are placed left to right.
+    """
+    import math
+
+    if not xs:
+        return []
+    us = [math.log10(x) for x in xs]
+    (ulo, uhi), (vlo, vhi) = (min(us), max(us)), (min(ys), max(ys))
+    px = [(u - ulo) / ((uhi - ulo) or 1.0) * size[0] for u in us]
+    py = [(y - vlo) / ((vhi - vlo) or 1.0) * size[1] for y in ys]
+    placed: list[tuple[float, float, float, float]] = []
+    offsets: list[tuple[float, float]] = [(4.0, 4.0)] * len(xs)
+    shifts = [0.0] + [k * line * sign for k in range(1, 8) for sign in (1, -1)]
+    for i in sorted(range(len(xs)), key=lambda j: (px[j], py[j])):
+        width = char_width * len(names[i])
+        for dy in shifts:
+            x0, y0 = px[i] + 4.0, py[i] + 4.0 + dy
+            box = (x0, y0, x0 + width, y0 + line)
+            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                break
+        placed.append(box)
+        offsets[i] = (4.0, 4.0 + dy)
+    return offsets
 
 
 def bars_figure(names: Sequence[str], values: Sequence[float | None], xlabel: str, title: str,
@@ -105,4 +138,4 @@ def write_plots(root: Path, summary: Sequence[Mapping[str, Any]], title: str) ->
             "time": plot_time(root / "time.png", summary, title)}
 
 
-__all__ = ["plot_quality", "plot_memory", "plot_time", "write_plots", "quality_figure", "bars_figure"]
+__all__ = ["plot_quality", "plot_memory", "plot_time", "write_plots", "quality_figure", "bars_figure", "label_offsets"]
