@@ -58,6 +58,7 @@ def quality_figure(summary: Sequence[Mapping[str, Any]], title: str) -> Any:
             ax.annotate(r["name"], (xs[i], ys[i]), textcoords="offset points", xytext=offsets[i], fontsize=7,
                         color="tab:orange" if i in front else "black")
         ax.set_xscale("log")
+        ax.margins(x=0.12)  # room for the rightmost point's label
         ax.set_ylabel(f"{metric} ({'higher' if better else 'lower'} is better)")
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("trainable parameters (log scale)")
