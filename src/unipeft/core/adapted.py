@@ -284,9 +284,10 @@ class Peft:
         if self.recipes[name].train_base:
             tied = {id(v): k for k, v in reversed(self.model.state_dict(keep_vars=True).items())}
             for key, tensor in self.model.state_dict(keep_vars=True).items():
-                if ".adapters." in key or tied[id(tensor)] != key:
+                original = self.original_key(key)
+                if original is None or tied[id(tensor)] != key:
                     continue  # a delta's tensor, or a tied weight (GPT-2's lm_head = wte) already stored once
-                state[f"base::{key.replace('.base.', '.')}"] = tensor.detach()
+                state[f"base::{original}"] = tensor.detach()
         return state
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
@@ -300,10 +301,29 @@ class Peft:
         """The base model's state dict under its original key names."""
         out = {}
         for key, tensor in self.model.state_dict().items():
-            if ".adapters." in key:
-                continue
-            out[key.replace(".base.", ".")] = tensor
+            original = self.original_key(key)
+            if original is not None:
+                out[original] = tensor
         return out
+
+    def original_key(self, key: str) -> str | None:
+        """The name ``key`` of the adapted model's state dict had before attaching; None for a delta's tensor.
+
+        Walks the module path, so only the ``base``/``adapters`` children of unipeft's own sites are rewritten: a
+        model's own modules that happen to be called ``base`` or ``adapters`` keep their names.
+        """
+        module: nn.Module | None = self.model
+        kept: list[str] = []
+        *path, leaf = key.split(".")
+        for part in path:
+            if isinstance(module, DeltaSite) and part in ("adapters", "base"):
+                if part == "adapters":
+                    return None
+                module = module.base
+                continue
+            kept.append(part)
+            module = module._modules.get(part) if module is not None else None
+        return ".".join([*kept, leaf])
 
     def summary(self) -> "ParamSummary":
         """Parameter counts: total, trainable, % and the split per position, form and adapter."""
