@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,6 @@ def label_offsets(xs: Sequence[float], ys: Sequence[float], names: Sequence[str]
     Positions are approximated in points on an axes of ``size`` (x log-scaled, as the quality plot), a label's box
     as ``char_width`` per character by ``line`` high. Points are placed left to right.
     """
-    import math
-
     if not xs:
         return []
     us = [math.log10(x) for x in xs]
@@ -139,4 +138,5 @@ def write_plots(root: Path, summary: Sequence[Mapping[str, Any]], title: str) ->
             "time": plot_time(root / "time.png", summary, title)}
 
 
-__all__ = ["plot_quality", "plot_memory", "plot_time", "write_plots", "quality_figure", "bars_figure", "label_offsets"]
+__all__ = ["plot_quality", "plot_memory", "plot_time", "write_plots", "quality_figure", "bars_figure",
+           "label_offsets"]
