@@ -139,3 +139,13 @@ def test_point_labels_do_not_overlap():
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
     assert offsets[3] == (4.0, 4.0) and offsets[4] == (4.0, 4.0)  # isolated labels stay where they were
     assert label_offsets([], [], []) == []
+
+
+def test_setup_names_the_commit_of_resumed_runs():
+    d = data()
+    assert "git of each run" not in render_report(d)  # every run from this invocation's commit
+    d["records"] = [dict(r, git={"commit": "abc", "dirty": False}) for r in d["records"]]
+    assert "git of each run" not in render_report(d)
+    d["records"][0] = dict(d["records"][0], git={"commit": "old", "dirty": True})
+    first = d["records"][0]
+    assert f"{first['name']} seed {first['seed']}: old (with uncommitted changes)" in render_report(d)

@@ -69,6 +69,8 @@ def test_a_second_run_skips_finished_methods(sst2_bench, monkeypatch):
     outcome = run_bench(spec, root, echo=lambda line: None)
     assert outcome.skipped == [("lora", 0), ("bitfit", 0)] and not outcome.ran and not calls
     assert len(outcome.data["records"]) == 2
+    # each record keeps the commit of the invocation that ran it, taken before its first run
+    assert all(r["git"] == outcome.data["environment"]["git"] for r in outcome.data["records"])
 
 
 def test_a_changed_method_reruns_alone(sst2_bench, monkeypatch, tmp_path):

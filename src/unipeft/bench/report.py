@@ -115,8 +115,16 @@ def _setup(data: Mapping[str, Any]) -> str:
              f"{machine['platform']}; CUDA: {machine['cuda_device'] or 'none'}; torch threads per run: "
              f"{', '.join(map(str, threads))}",
              f"- versions: {versions}",
-             f"- git: {git.get('commit', 'unknown')}{' (with uncommitted changes)' if git.get('dirty') else ''}"]
+             f"- git: {_commit(git)}"]
+    runs = {f"{r['name']} seed {r['seed']}": _commit(r["git"]) for r in data["records"] if r.get("git")}
+    if any(commit != _commit(git) for commit in runs.values()):  # runs resumed from earlier invocations
+        lines.append("- git of each run (resumed runs came from earlier invocations): "
+                     + "; ".join(f"{run}: {commit}" for run, commit in runs.items()))
     return "\n".join(lines)
+
+
+def _commit(git: Mapping[str, Any]) -> str:
+    return f"{git.get('commit', 'unknown')}{' (with uncommitted changes)' if git.get('dirty') else ''}"
 
 
 DEFINITIONS = """\

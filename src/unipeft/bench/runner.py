@@ -127,6 +127,7 @@ def run_bench(spec: BenchSpec, root: str | os.PathLike[str], *, command: str = "
     store = ResultStore(root)
     outcome = BenchOutcome(root=root)
     started, load_start = time.perf_counter(), load_average()
+    env = environment()  # the code this invocation imported: taken before any run, stamped on each record
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     jobs = [(m, s) for s in spec.seeds for m in spec.methods]
     for index, (method, seed) in enumerate(jobs, 1):
@@ -146,6 +147,7 @@ def run_bench(spec: BenchSpec, root: str | os.PathLike[str], *, command: str = "
             log.error("[%d/%d] %s seed %d failed:\n%s", index, len(jobs), method.name, seed, error)
             continue
         record["job"] = identity
+        record["git"] = env.get("git")
         store.save(method.name, seed, record)
         outcome.ran.append((method.name, seed))
         log.info("[%d/%d] %s seed %d: %s, %.0f s training, peak %.0f MiB", index, len(jobs), method.name, seed,
@@ -158,7 +160,7 @@ def run_bench(spec: BenchSpec, root: str | os.PathLike[str], *, command: str = "
         "wall_time_s": time.perf_counter() - started,
         "run_time_s": sum(r.get("process_wall_s") or 0.0 for r in records),
         "load_average": {"start": load_start, "end": load_average()},
-        "environment": environment(), "ran": len(outcome.ran), "skipped": len(outcome.skipped),
+        "environment": env, "ran": len(outcome.ran), "skipped": len(outcome.skipped),
         "failures": [{"name": n, "seed": s, "error": e} for n, s, e in outcome.failed],
         "records": records, "summary": summarize(records, [m.name for m in spec.methods]),
     }
