@@ -38,6 +38,8 @@ SHARED_KEYS = ("model", "task", "jsonl", "data_dir", "eval_limit", "max_length")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+MALLOC_MMAP_THRESHOLD = 128 * 1024  # bytes; the workers' default (see BenchSpec.malloc_mmap_threshold)
+
 @dataclass(frozen=True, kw_only=True)
 class MethodRun:
     """One method of the line-up.
@@ -111,7 +113,7 @@ class BenchSpec:
     seeds: tuple[int, ...] = (0,)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     samples: int = 3
-    malloc_mmap_threshold: int | None = 131072
+    malloc_mmap_threshold: int | None = MALLOC_MMAP_THRESHOLD
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -231,7 +233,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> BenchSpec:
                      train=dict(data.get("train") or {}),
                      methods=tuple(_method_entry(e, i) for i, e in enumerate(data["methods"])),
                      seeds=tuple(seeds), latency=LatencyConfig(**latency), samples=data.get("samples", 3),
-                     malloc_mmap_threshold=data.get("malloc_mmap_threshold", 131072))
+                     malloc_mmap_threshold=data.get("malloc_mmap_threshold", MALLOC_MMAP_THRESHOLD))
 
 
 __all__ = ["BenchSpec", "MethodRun", "LatencyConfig", "spec_from_dict", "RUN_KEYS", "SHARED_KEYS"]
