@@ -140,10 +140,11 @@ def test_adapter_trainer_trains_a_4bit_base(tiny_llama_path, tmp_path):
     with pytest.raises(ValueError, match="purely quantized"):  # transformers only knows HF peft's adapters
         Trainer(model=model, args=args(tmp_path), train_dataset=examples)
     before = {k: v.clone() for k, v in peft.base_state_dict().items()}
-    loss_before = mean_loss(model, examples, 0)
-    AdapterTrainer(model=model, args=args(tmp_path, learning_rate=1e-2), train_dataset=examples,
+    loss_before = mean_loss(model, examples, 0)  # an evaluation first: bitsandbytes' AVX512 repacking trigger
+    AdapterTrainer(model=model, args=args(tmp_path, learning_rate=1e-2, max_steps=20), train_dataset=examples,
                    data_collator=lambda batch: collate(batch, 0)).train()
-    assert mean_loss(model, examples, 0) < loss_before - 0.01
+    loss_after = mean_loss(model, examples, 0)
+    assert loss_after < loss_before - 0.2, (loss_before, loss_after)  # measured: 4.63 -> 4.25
     assert "_hf_peft_config_loaded" not in model.__dict__
     for key, tensor in peft.base_state_dict().items():
         assert torch.equal(tensor, before[key]), key

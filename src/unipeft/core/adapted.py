@@ -20,7 +20,7 @@ from unipeft.core.compose import build_composition
 from unipeft.core.delta import SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
-from unipeft.core.quant import is_quantized, weight_shape
+from unipeft.core.quant import hold_autograd_kernels, is_quantized, release_autograd_kernels, weight_shape
 from unipeft.core.safe_merge import DEFAULT_TOLERANCE
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
@@ -65,6 +65,7 @@ class Peft:
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
+        self._held_kernels = hold_autograd_kernels(model)  # gradients must cross a 4-bit base on every CPU
         model.__dict__[_HANDLE] = self
 
     # ----------------------------------------------------------------------------------------------- adapters
@@ -430,6 +431,8 @@ class Peft:
         self._hooks.clear()
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        release_autograd_kernels(self._held_kernels)
+        self._held_kernels = {}
         self.model.__dict__.pop(_HANDLE, None)
         self.recipes.clear()
         self.records.clear()

@@ -11,6 +11,14 @@ docs/integration.md for measured errors). The site keeps the original codes Q(W�
 and always recomputes the merged weight from them, so merging several adapters does not accumulate rounding, and
 unmerging the last one restores Q(W₀) bit for bit.
 
+**Gradients through a 4-bit base on every CPU.** bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place for an
+AVX512-BF16 inference kernel (``gemv_4bit``) the first time the layer runs in eval mode on an input that needs no
+gradient, and keeps using that kernel afterwards, in training too. That kernel has no autograd formula, so after one
+evaluation no gradient crosses the layer and QLoRA trains nothing; the repacking also rounds the block scales to
+bfloat16, so outputs move. :func:`hold_autograd_kernels` (called when a model gets its handle) undoes any repacking and
+turns it off on every 4-bit layer of the model, so every forward takes bitsandbytes' dequantize-and-matmul path, which
+has a backward on every device; :func:`release_autograd_kernels` (at detach) gives the layers their own setting back.
+
 Supported schemes are small :class:`QuantScheme` objects keyed by the weight's class name, so no quantization library
 is imported unless a model uses it: bitsandbytes ``Linear4bit`` (``Params4bit``: NF4/FP4) and ``Linear8bitLt``
 (``Int8Params``: LLM.int8() row-wise absmax).
@@ -39,6 +47,9 @@ class QuantScheme(Protocol):
     def quantize_(self, module: nn.Module, weight: torch.Tensor) -> None:
         """Quantize the float (out, in) ``weight`` and make it the module's weight."""
 
+    def dequantize_snapshot(self, snapshot: object) -> torch.Tensor:
+        """The weight saved by :meth:`snapshot` in float32, shape (out, in)."""
+
     def snapshot(self, module: nn.Module) -> object:
         """Whatever :meth:`restore` needs to put the module's current quantized weight back bit for bit."""
 
@@ -54,14 +65,13 @@ class _Bnb4bit:
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # repacked in place by an inference forward on a CPU with AVX512-BF16; undone as bnb's state_dict does
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        _unpack_cpu_layout(module)  # a layer outside a handle may have been repacked by an inference forward
+        return self.dequantize_snapshot(module.weight)
 
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    def dequantize_snapshot(self, snapshot: object) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(snapshot.data, snapshot.quant_state).float()
 
     def quantize_(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -94,10 +104,13 @@ class _Bnb8bit:
         return scales
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return self.dequantize_snapshot(self.snapshot(module))
+
+    def dequantize_snapshot(self, snapshot: object) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight = module.weight
-        return bnb.functional.int8_vectorwise_dequant(weight.data, self._scales(module).to(weight.device)).float()
+        weight, scales = snapshot
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
 
     def quantize_(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
@@ -118,7 +131,8 @@ class _Bnb8bit:
 
 
 #: Quantized weight classes (by name, so nothing is imported to recognise them) → their scheme.
-SCHEMES: dict[str, QuantScheme] = {"Params4bit": _Bnb4bit(), "Int8Params": _Bnb8bit()}
+_BNB4 = _Bnb4bit()
+SCHEMES: dict[str, QuantScheme] = {"Params4bit": _BNB4, "Int8Params": _Bnb8bit()}
 SCHEMES_BY_NAME: dict[str, QuantScheme] = {s.name: s for s in SCHEMES.values()}
 
 
@@ -153,9 +167,63 @@ class QuantizedOriginal:
     bias: torch.Tensor | None
 
 
+#: The bitsandbytes ``Linear4bit`` attribute that allows its CPU inference repacking (see the module docstring).
+_CPU_REPACK_FLAG = "support_avx512bf16_for_cpu"
+
+
+def _unpack_cpu_layout(module: nn.Module) -> None:
+    """Undo bitsandbytes' AVX512-BF16 repacking of a ``Linear4bit`` weight, as its own ``state_dict`` does."""
+    weight = module.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        module.quant_state = weight.quant_state
+
+
+def hold_autograd_kernels(model: nn.Module) -> dict[nn.Module, bool]:
+    """Keep every 4-bit layer of ``model`` on a kernel with a backward: undo bitsandbytes' CPU inference repacking
+    where it happened and turn it off (see the module docstring).
+
+    A layer repacked before this call had its block scales rounded to bfloat16 by bitsandbytes; they stay so (the
+    repacking cannot be undone exactly), and the layer computes with them from here on.
+
+    Returns:
+        Each changed layer → its own value of the flag, for :func:`release_autograd_kernels`.
+    """
+    held: dict[nn.Module, bool] = {}
+    for module in model.modules():
+        if _CPU_REPACK_FLAG in vars(module) and quant_scheme(module) is _BNB4:
+            _unpack_cpu_layout(module)
+            held[module] = bool(vars(module)[_CPU_REPACK_FLAG])
+            setattr(module, _CPU_REPACK_FLAG, False)
+    return held
+
+
+def release_autograd_kernels(held: dict[nn.Module, bool]) -> None:
+    """Give the layers changed by :func:`hold_autograd_kernels` their own repacking setting back."""
+    for module, flag in held.items():
+        setattr(module, _CPU_REPACK_FLAG, flag)
+
+
+def _fold_into_float(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, placed: list) -> None:
+    """Set a float ``base`` to ``weight`` + Σ ΔW (and ``bias`` + Σ Δb) over the ``placed`` deltas."""
+    folded_bias = None if bias is None else bias.detach().float().clone()
+    for p in placed:
+        p.fold_(weight, folded_bias, +1)
+    with torch.no_grad():
+        base.weight.copy_(weight.to(base.weight.dtype))
+        if folded_bias is not None and isinstance(getattr(base, "bias", None), torch.Tensor):
+            base.bias.copy_(folded_bias.to(base.bias.dtype))
+
+
 def refold_quantized(site: DeltaSite, merged: list[str]) -> None:
     """Make ``site.base``'s weight Q(Deq(Q(W₀)) + Σ ΔW) over the adapters ``merged`` (see the module docstring), or
     restore Q(W₀) and the bias exactly when the list is empty. The caller records ``merged`` in ``site.merged``.
+
+    If the base was dequantized since the first merge (transformers' ``model.dequantize()`` swaps in a float layer
+    holding the requantized merge), the float layer is set to Deq(Q(W₀)) + Σ ΔW instead: an exact merge, and an
+    exact Deq(Q(W₀)) once nothing is merged.
 
     Raises:
         NotImplementedError: if a merged delta replaces the module (a module copy cannot fold into quantized codes).
@@ -174,6 +242,11 @@ def refold_quantized(site: DeltaSite, merged: list[str]) -> None:
                                                 bias=None if bias is None else bias.detach().clone())
     original = site.quant_original
     scheme = SCHEMES_BY_NAME[original.scheme]
+    if not is_quantized(base):  # transformers' dequantize() put a float layer here: fold into it, from Deq(Q(W₀))
+        _fold_into_float(base, scheme.dequantize_snapshot(original.weight), original.bias, placed)
+        if not placed:
+            site.quant_original = None
+        return
     scheme.restore(base, original.weight)
     if bias is not None and original.bias is not None:
         with torch.no_grad():
@@ -193,6 +266,8 @@ def refold_quantized(site: DeltaSite, merged: list[str]) -> None:
 
 __all__ = [
     "SCHEMES",
+    "hold_autograd_kernels",
+    "release_autograd_kernels",
     "QuantScheme",
     "QuantizedOriginal",
     "is_quantized",
