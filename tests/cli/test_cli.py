@@ -56,6 +56,33 @@ def test_inspect_config_only_models(capsys, model, kind, expected, percent):
     assert "attn.q" in out and "layers" in out
 
 
+@pytest.mark.parametrize("model, as_file, expected", [
+    ("llama-7b", False, "4,194,304"), ("t5-base", True, "589,824"), ("bart-large", False, "786,432"),
+])
+def test_inspect_counts_from_a_config_json_alone(capsys, tmp_path, model, as_file, expected):
+    """How a user sizes a model they have not downloaded: a folder holding only config.json (no weights, no
+    tokenizer), or the config.json path itself; built on the meta device, counted the same as the built-in name."""
+    from unipeft.models import known_config
+
+    config = known_config(model)
+    config.architectures = None  # a bare config: the kind comes from --kind
+    config.to_json_file(str(tmp_path / "config.json"))
+    target = tmp_path / "config.json" if as_file else tmp_path
+    code, out, err = run(capsys, "inspect", str(target), "--kind", "base", "--method", "lora")
+    assert code == 0, err
+    assert "meta device" in out
+    assert re.search(rf"^lora +{expected} ", out, re.M), out
+    _, reference, _ = run(capsys, "inspect", model, "--kind", "base", "--method", "lora")
+    assert re.search(r"^lora .*$", out, re.M).group(0) == re.search(r"^lora .*$", reference, re.M).group(0)
+
+
+def test_inspect_a_bad_config_json_is_one_line_error(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "nonexistent-arch"}', encoding="utf-8")
+    code, out, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 2
+    assert err.startswith("unipeft inspect: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_inspect_options_and_head_note(capsys):
     code, out, _ = run(capsys, "inspect", "llama-7b", "--method", "lora:r=16,positions=[attn.q,attn.k,attn.v]")
     assert code == 0 and "12,582,912" in out

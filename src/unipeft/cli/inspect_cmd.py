@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -24,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="show a model's positions and the trainable parameters of methods",
                               description="Print the model family, the positions found (module in layer 0, number of "
                                           "layers) and, for each --method, the exact trainable-parameter count.")
-    p.add_argument("model", help="short name, local model folder, or config-only name (llama-7b, roberta-base, ...)")
+    p.add_argument("model", help="short name, local model folder, config.json path (or a folder with only a config), "
+                                 "or config-only name (llama-7b, roberta-base, ...)")
     p.add_argument("--method", action="append", default=[], metavar="RECIPE[:key=value,...]",
                    help="a recipe to count (repeatable), with options, e.g. lora or lora:r=16,alpha=32")
     p.add_argument("--kind", choices=KINDS, help="which head to build (default: the checkpoint's own)")
@@ -62,10 +64,39 @@ def default_kind(name: str, config: Any) -> str:
     return "base"
 
 
+#: Files whose presence in a folder means it holds weights (else ``inspect`` counts from its config alone).
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def config_only(name: str) -> Path | None:
+    """The ``config.json`` to count from when ``name`` is that file, or a folder holding a config and no weights."""
+    path = Path(name)
+    if path.is_file() and path.suffix == ".json":
+        return path
+    if path.is_dir() and (path / "config.json").is_file() and not any(
+            f.name.endswith(WEIGHT_SUFFIXES) for f in path.iterdir()):
+        return path / "config.json"
+    return None
+
+
 def build(name: str, kind: str | None, meta: bool) -> tuple[nn.Module, str, bool]:
-    """The model to inspect, its kind, and whether it is on the meta device."""
+    """The model to inspect, its kind, and whether it is on the meta device.
+
+    A config-only name, a ``config.json`` path or a folder with a config and no weights is built on the meta device
+    (no weights, no tokenizer); so is any model with ``meta``.
+    """
     from unipeft.models import KNOWN_CONFIGS, build_meta_model, load_config, load_model
 
+    config_file = config_only(name)
+    if config_file is not None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(config_file), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{config_file} is not a transformers model config: {err}") from None
+        kind = kind or default_kind(name, config)
+        return build_meta_model(config, kind), kind, True  # type: ignore[arg-type]
     config = load_config(name)
     kind = kind or default_kind(name, config)
     if meta or name in KNOWN_CONFIGS:

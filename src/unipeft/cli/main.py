@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from unipeft.cli import bench_cmd, combine_cmd, convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,15 +59,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, OSError, NotImplementedError) as err:  # bad input: a value, a file, an unsupported option
         if args.traceback:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"unipeft {args.command}: error: {message}", file=sys.stderr)
+        print(f"unipeft {args.command}: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"unipeft {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - anything else is still one line, not a traceback
+        if args.traceback:
+            raise
+        print(f"unipeft {args.command}: error: {type(err).__name__}: {_first_line(err)} "
+              "(rerun with --traceback for details)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":
