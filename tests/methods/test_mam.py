@@ -25,7 +25,8 @@ def test_recipe_is_prefix_plus_scaled_parallel_adapter(name, length, size):
     assert recipe.family == "hybrid"
     prefix, adapter = recipe.deltas
     assert prefix.form == PrefixConfig(length=length, reparam=800)
-    assert prefix.positions == ("attn",) and prefix.resolved_insertion == "sequence"
+    assert prefix.positions == (("attn", "xattn?") if name == "mam" else ("attn",))
+    assert prefix.resolved_insertion == "sequence"
     assert adapter.form == BottleneckConfig(size=size, activation="relu")
     assert adapter.positions == ("ffn",) and adapter.resolved_insertion == "parallel"
     assert (adapter.composition, adapter.scale) == ("scaled", 4.0)
@@ -37,10 +38,27 @@ def test_design_space_row_is_the_recipe():
 
 def _he_et_al_seq2seq(**options) -> unipeft.Recipe:
     """He et al.'s placement in an encoder-decoder model: prefixes at encoder self-, decoder self- and
-    cross-attention (mam.yaml places them at ``attn`` only, so that it runs on every family)."""
-    recipe = load_recipe("mam").with_options(**options)
+    cross-attention — the shipped ``mam`` itself (its ``xattn?`` resolves where the model has cross-attention)."""
+    return load_recipe("mam").with_options(**options)
+
+
+def test_mam_on_an_encoder_only_model_skips_the_missing_cross_attention():
+    model = build_meta_model(known_config("roberta-base"), "base")
+    peft = unipeft.attach(model, "mam")
+    assert sorted({r.site.position for r in peft.records["default"]}) == ["attn", "ffn"]
+    peft.detach()
+
+
+def test_an_optional_position_is_still_checked_where_it_is_required():
+    model = build_meta_model(known_config("roberta-base"), "base")
+    with pytest.raises(ValueError, match="unknown position 'xattn'"):
+        unipeft.attach(model, _prefix_at(("xattn",)))
+
+
+def _prefix_at(positions: tuple[str, ...]) -> unipeft.Recipe:
+    recipe = load_recipe("mam")
     prefix, adapter = recipe.deltas
-    return replace(recipe, deltas=(replace(prefix, positions=("attn", "xattn")), adapter))
+    return replace(recipe, deltas=(replace(prefix, positions=positions), adapter))
 
 
 @pytest.fixture(scope="module")

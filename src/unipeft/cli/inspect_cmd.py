@@ -124,7 +124,10 @@ def positions_table(model: nn.Module) -> str:
 
 
 def count_method(model: nn.Module, kind: str, text: str) -> list[tuple[str, str, str, str]]:
-    """Attach one method, count its parameters, and detach again."""
+    """Attach one method, count its parameters, and detach again.
+
+    The count is what trains into the adapter file; parameters that train but are not saved (prefix tuning's
+    reparameterising MLP) are named separately in the note."""
     import unipeft
     from unipeft.core.recipe import load_recipe
     from unipeft.train.loop import with_head
@@ -141,8 +144,13 @@ def count_method(model: nn.Module, kind: str, text: str) -> list[tuple[str, str,
     if kind in ("classification", "regression"):
         note = (f"includes the new {kind} head ({head:,} params)" if head else
                 "includes the whole model, head too" if recipe.train_base else "head not counted")
+    if summary.training_only:  # prefix tuning's reparameterising MLP trains, but is dropped at save time
+        note = "; ".join(filter(None, [note, f"+{summary.training_only:,} training-only (reparameterisation, "
+                                             f"not saved; {summary.trainable:,} train in all)"]))
+    saved = summary.trainable - summary.training_only
+    total = summary.total - summary.training_only
     parts = ", ".join(f"{k}={v:,}" for k, v in summary.per_position.items())
-    return [(text, f"{summary.trainable:,}", f"{summary.percent:.4f}%", "; ".join(filter(None, [parts, note])))]
+    return [(text, f"{saved:,}", f"{100.0 * saved / total:.4f}%", "; ".join(filter(None, [parts, note])))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,5 +167,5 @@ def run(args: argparse.Namespace) -> int:
     if args.method:
         rows = [row for text in args.method for row in count_method(model, kind, text)]
         print()
-        print(table(rows, header=("method", "trainable", "% of all", "per position")))
+        print(table(rows, header=("method", "trainable (saved)", "% of all", "per position")))
     return 0

@@ -135,6 +135,9 @@ _PREFIX = DesignPoint(form={"type": "prefix", "length": 30, "reparam": 800}, pos
 _SCALED_PA = DesignPoint(form={"type": "bottleneck", "size": 512}, positions=("ffn",), insertion="parallel",
                          composition="scaled", scale=4.0)
 
+#: MAM's prefix: also at the decoder's cross-attention where a model has one (``xattn?``: optional position).
+_MAM_PREFIX = DesignPoint(form=_PREFIX.form, positions=("attn", "xattn?"), insertion=_PREFIX.insertion)
+
 #: He et al.'s Table 1 rows and the MAM adapter, each realised by the points below (their hyperparameters are the
 #: paper's where it gives them; recipes in ``unipeft/recipes`` use the same settings).
 TABLE_1: tuple[Method, ...] = (
@@ -156,8 +159,8 @@ TABLE_1: tuple[Method, ...] = (
                                insertion="parallel"),),
            note="one bottleneck per head at the attention sub-layer"),
     Method(name="Scaled PA", paper=_HE, points=(_SCALED_PA,), note="parallel adapter with s = 4"),
-    Method(name="MAM adapter", paper=_HE, family="hybrid", points=(_PREFIX, _SCALED_PA),
-           note="prefix (l = 30) at attention + scaled PA (r = 512) at the FFN"),
+    Method(name="MAM adapter", paper=_HE, family="hybrid", points=(_MAM_PREFIX, _SCALED_PA),
+           note="prefix (l = 30) at attention (and cross-attention) + scaled PA (r = 512) at the FFN"),
 )
 
 

@@ -113,6 +113,10 @@ def _fused_slice(model: nn.Module, name: str, target: FusedSlice) -> tuple[int, 
     return (target.index * width, (target.index + 1) * width)
 
 
+#: Suffix of an optional position name (see :func:`resolve_positions`).
+OPTIONAL = "?"
+
+
 def resolve_positions(
     model: nn.Module,
     positions: Iterable[str],
@@ -124,7 +128,8 @@ def resolve_positions(
 
     Args:
         model: the model.
-        positions: canonical names such as ``attn.q`` or ``ffn``.
+        positions: canonical names such as ``attn.q`` or ``ffn``; a name ending in ``?`` (``xattn?``) is optional:
+            it resolves to nothing on a model without that position instead of raising.
         layers: layer indices (negative counts from the end) in every selected stack; None for all layers.
         stacks: stack names to use (``encoder``/``decoder``); None for all.
 
@@ -143,7 +148,11 @@ def resolve_positions(
                          f"has: {', '.join(stack_names)}")
     sites: list[Site] = []
     for position in positions:
+        optional = position.endswith(OPTIONAL)
+        position = position.removesuffix(OPTIONAL)
         if position not in valid:
+            if optional:
+                continue  # ``xattn?``: where the model has it (cross-attention exists in encoder-decoders only)
             raise ValueError(f"unknown position '{position}'; this model ({arch.family}) has: {', '.join(valid)}")
         if position in arch.model_positions:
             matched = [n for n in names for s in arch.model_positions[position] if _suffix_match(n, s)]
