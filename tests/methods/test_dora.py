@@ -179,3 +179,29 @@ def _loss_change(model, peft, batch, steps: int = 3, lr: float = 1e-2) -> float:
         optimizer.step()
     with torch.no_grad():
         return model(**batch).loss.item() - first
+
+
+@pytest.mark.parametrize("order", [("lora", "dora"), ("dora", "lora")])
+def test_stacked_with_lora_and_merged_together_equals_the_stacked_model(tiny, order):
+    """DoRA reads its site's base weight; merged after another adapter folded into the same weight it used to read
+    W + ΔW_other instead of W (6e-4 off). Merging in either order must give the stacked model to rounding."""
+    model = tiny.model("llama")
+    peft = unipeft.attach(model, _recipe("llama", r=4, alpha=8.0), name="dora")
+    peft.add(Recipe(name="lora", family="reparameterized", deltas=(DeltaSpec(
+        form=unipeft.load_recipe("lora").deltas[0].form, positions=("attn.q", "attn.v")),)), "lora")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, placed in peft.delta_modules():
+            for name, p in placed.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (0.3 if "magnitude" not in name else 0.1))
+    peft.set_active(*order)
+    batch = tiny.batch("llama")
+    base_state = {k: v.clone() for k, v in peft.base_state_dict().items()}
+    stacked = tiny.logits(model, batch)
+    peft.merge(*order)
+    torch.testing.assert_close(tiny.logits(model, batch), stacked, rtol=1e-5, atol=1e-5)
+    peft.unmerge(order[0])  # the other stays merged, the stack still the same
+    torch.testing.assert_close(tiny.logits(model, batch), stacked, rtol=1e-5, atol=1e-5)
+    peft.unmerge()
+    for key, tensor in peft.base_state_dict().items():
+        torch.testing.assert_close(tensor, base_state[key], rtol=1e-5, atol=1e-6)

@@ -63,6 +63,10 @@ class FormConfig:
 class Form(nn.Module):
     """A functional form: ``forward(z)`` returns Δ (or, for multiplicative forms, the scale vector)."""
 
+    #: Whether Δ depends on the site's base weight (DoRA's row norms). Such a form reads W₀, the weight with nothing
+    #: merged, and the site computes its merge at W₀ whatever else is merged there.
+    reads_base_weight: ClassVar[bool] = False
+
     def merge_(self, weight: torch.Tensor, bias: torch.Tensor | None, *, insertion: str, scale: float,
                sign: int) -> None:
         """Fold (sign=+1) or take out (sign=-1) ``scale * ΔW`` of an (out, in) weight view and bias, in place.

@@ -128,6 +128,10 @@ def _identity(p: Placed, x: torch.Tensor, h: torch.Tensor, captured: torch.Tenso
     return h  # multiplicative_input and replace act before/instead of the base module
 
 
+#: Key in a base module's ``__dict__`` of its own (weight, bias) while a site that holds base-reading deltas has
+#: something merged into it (see :meth:`DeltaSite._refold_from_original`).
+UNMERGED_WEIGHT = "_unipeft_unmerged_weight"
+
 _INSERT = {"parallel": _parallel, "sequential": _sequential, "multiplicative": _multiplicative,
            "multiplicative_input": _identity, "replace": _identity, "sequence": _identity}
 
@@ -204,6 +208,8 @@ class DeltaSite(nn.Module):
                 p.merge_(self.base, +1)  # raises the explanatory NotImplementedError
         if self.quant_original is not None or is_quantized(self.base):  # dequantize, add, requantize
             refold_quantized(self, [*self.merged, adapter])
+        elif self._reads_base():
+            self._refold_from_original([*self.merged, adapter])
         else:
             for p in placed:
                 if p.insertion == "replace":
@@ -217,8 +223,12 @@ class DeltaSite(nn.Module):
         """Undo :meth:`merge` (exact up to float rounding)."""
         if adapter not in self.merged:
             return
-        if self.quant_original is not None:  # recompute from the base's own codes: exact once nothing is merged
-            refold_quantized(self, [a for a in self.merged if a != adapter])
+        if self.quant_original is not None or self._reads_base():  # recompute from the base's own weight
+            remaining = [a for a in self.merged if a != adapter]
+            if self.quant_original is not None:
+                refold_quantized(self, remaining)
+            else:
+                self._refold_from_original(remaining)
             self.merged.remove(adapter)
             self.set_active(self._active)
             return
@@ -229,6 +239,49 @@ class DeltaSite(nn.Module):
                 p.merge_(self.base, -1)
         self.merged.remove(adapter)
         self.set_active(self._active)
+
+    def _reads_base(self) -> bool:
+        """Whether a delta here reads the base weight (DoRA's norm): merges then go through :meth:`_refold_from_original`.
+        A module copy (``replace``) swaps modules instead, and keeps the plain path."""
+        placed = [p for deltas in self.adapters.values() for p in deltas]
+        return any(p.form.reads_base_weight for p in placed) and not any(p.insertion == "replace" for p in placed)
+
+    def _refold_from_original(self, merged: list[str]) -> None:
+        """Make the base weight W₀ + the merged deltas, each computed at W₀ (the weight with nothing merged).
+
+        Deltas that read the base weight (DoRA: W' = m ⊙ (W + sBA)/‖W + sBA‖_c) are defined at W₀ in the stacked
+        model, so they are computed from W₀ first and added; the other deltas fold after them in order. W₀ is kept on
+        the base module while anything is merged (:data:`UNMERGED_WEIGHT`, where base-reading deltas read it), so
+        unmerging recomputes from it and the last unmerge restores it exactly.
+        """
+        weight = weight_out_in(self.base)
+        bias = self.base.bias if isinstance(getattr(self.base, "bias", None), torch.Tensor) else None
+        original = self.base.__dict__.get(UNMERGED_WEIGHT)
+        if original is None:
+            original = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        w0, b0 = original
+        placed = [p for name in merged for p in self.adapters[name]]
+        with torch.no_grad():
+            weight.copy_(w0)
+            if bias is not None:
+                bias.copy_(b0)
+            if not placed:
+                self.base.__dict__.pop(UNMERGED_WEIGHT, None)
+                return
+            self.base.__dict__[UNMERGED_WEIGHT] = original
+            readers = [p for p in placed if p.form.reads_base_weight]
+            updates = []
+            for p in readers:  # each on its own copy of W₀
+                w, b = w0.clone(), None if b0 is None else b0.clone()
+                p.fold_(w, b, +1)
+                updates.append((w - w0, None if b is None else b - b0))
+            for dw, db in updates:
+                weight.add_(dw)
+                if bias is not None and db is not None:
+                    bias.add_(db)
+            for p in placed:
+                if not p.form.reads_base_weight:
+                    p.fold_(weight, None if bias is None else bias.data, +1)
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on a sub-layer's entry module: remember the sub-layer input for parallel deltas."""

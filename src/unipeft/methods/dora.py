@@ -68,6 +68,8 @@ class DoRAConfig(FormConfig):
 class DoRA(Form):
     """Δ(x) = (f − 1) ⊙ W x + f ⊙ s·B A x with f = m / ‖W + s·B A‖_c (see the module docstring)."""
 
+    reads_base_weight = True  # W is the site's weight with nothing merged, also while neighbours are merged
+
     def __init__(self, config: DoRAConfig, shape: SiteShape) -> None:
         super().__init__()
         self.site = site_weight(shape, "DoRA")  # the base rows W (d_out, d_in); a plain reference, not a submodule

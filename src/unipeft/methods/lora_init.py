@@ -27,6 +27,7 @@ from torch import nn
 from unipeft.core.delta import SiteShape
 from unipeft.core.modules import is_conv1d
 from unipeft.core.quant import quant_scheme
+from unipeft.core.site import UNMERGED_WEIGHT
 
 BaseInit = Literal["pissa", "olora"]
 BASE_INITS: tuple[str, ...] = ("pissa", "olora")
@@ -45,8 +46,15 @@ class SiteWeight:
     rows: tuple[int, int] | None
 
     def tensor(self) -> torch.Tensor:
-        """The weight rows as an (out, in) tensor that autograd sees (a view: transposed for Conv1D)."""
-        weight = self.base.weight.T if is_conv1d(self.base) else self.base.weight
+        """The weight rows as an (out, in) tensor that autograd sees (a view: transposed for Conv1D).
+
+        While adapters are merged into a site holding base-reading deltas, this is the weight with nothing merged
+        (W₀, kept by the site), so a stacked DoRA computes the same with its neighbours merged or not."""
+        kept = self.base.__dict__.get(UNMERGED_WEIGHT)
+        if kept is not None:
+            weight = kept[0]  # already (out, in)
+        else:
+            weight = self.base.weight.T if is_conv1d(self.base) else self.base.weight
         return weight if self.rows is None else weight[self.rows[0]:self.rows[1]]
 
     def data(self) -> torch.Tensor:
