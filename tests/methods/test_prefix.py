@@ -18,9 +18,11 @@ from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.methods.prefix import Prefix, PrefixConfig
 
 
-def _recipe(length: int = 3, reparam: int | None = None, positions=("attn",), **placement) -> Recipe:
+def _recipe(length: int = 3, reparam: int | None = None, positions=("attn",), shift_positions: bool = True,
+            **placement) -> Recipe:
+    form = PrefixConfig(length=length, reparam=reparam, shift_positions=shift_positions)
     return Recipe(name="prefix", family="additive",
-                  deltas=(DeltaSpec(form=PrefixConfig(length=length, reparam=reparam), positions=positions,
+                  deltas=(DeltaSpec(form=form, positions=positions,
                                     insertion="sequence", **placement),))
 
 
@@ -113,24 +115,70 @@ def _hf_prefix_pair(model, length: int):
     return peft, hf
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_same_prefix_gives_hf_peft_logits(tiny, family):
-    """HF peft runs the prefix as a KV cache, so its tokens sit at positions l..l+T-1: with those position ids the
-    logits are identical; with unipeft's default positions (0..T-1) they differ (a documented difference)."""
-    length = 3
-    model = tiny.model(family)
+def _padded(tiny, family: str, side: str) -> dict[str, torch.Tensor]:
     batch = tiny.batch(family)
     mask = torch.ones_like(batch["input_ids"])
-    mask[0, :2] = 0  # left padding
+    if side == "left":
+        mask[0, :2] = 0
+    elif side == "right":
+        mask[0, -2:] = 0
+    return {"input_ids": batch["input_ids"], "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_same_prefix_gives_hf_peft_logits(tiny, family, side):
+    """HF peft runs the prefix as a KV cache, so its real tokens sit at positions l..l+T-1 (and given position ids are
+    shifted by l); unipeft numbers them the same way, so the logits agree on every real token, with either padding
+    side, with and without explicit position ids. Rotary (llama) and learned (gpt2) positions."""
+    length = 3
+    model = tiny.model(family)
+    inputs = _padded(tiny, family, side)
+    real = inputs["attention_mask"].bool()
     peft, hf = _hf_prefix_pair(model, length)
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        theirs = hf(input_ids=batch["input_ids"], attention_mask=mask).logits
-        positions = (torch.arange(batch["input_ids"].shape[1]) + length)[None]
-        ours = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
-        unshifted = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-    torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=0)  # the unpadded row
-    torch.testing.assert_close(ours[0, 2:], theirs[0, 2:], atol=1e-5, rtol=0)
-    assert (unshifted - theirs).abs().max() > 1e-4
+        theirs = hf(**inputs).logits
+        ours = model(**inputs).logits
+        theirs_at = hf(**inputs, position_ids=positions).logits
+        ours_at = model(**inputs, position_ids=positions).logits
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_at[real], theirs_at[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_same_prefix_generates_as_hf_peft(tiny, family, side):
+    """Greedy generation with a cache: the same tokens and scores as HF peft's (which prefills its cache)."""
+    model = tiny.model(family)
+    inputs = _padded(tiny, family, side)
+    peft, hf = _hf_prefix_pair(model, 3)
+    options = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0,
+               "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, **options)
+        ours = model.generate(**inputs, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(theirs.scores), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unshifted_prefix_keeps_the_plain_positions(tiny, family):
+    """shift_positions: false numbers the real tokens 0..T-1: it equals the shifted prefix given l + arange(T) only
+    through explicit position ids, and differs from HF peft without them."""
+    length = 3
+    base, ids = tiny.model(family), tiny.batch(family)["input_ids"]
+    shifted = unipeft.attach(copy.deepcopy(base), _recipe(length=length))
+    plain = unipeft.attach(copy.deepcopy(base), _recipe(length=length, shift_positions=False))
+    with torch.no_grad():
+        for mine, other in zip(_forms(plain), _forms(shifted)):
+            mine.key.copy_(other.key)
+            mine.value.copy_(other.value)
+        unshifted = plain.model(input_ids=ids).logits
+        at_l = plain.model(input_ids=ids, position_ids=(torch.arange(ids.shape[1]) + length)[None]).logits
+        want = shifted.model(input_ids=ids).logits
+    torch.testing.assert_close(at_l, want, atol=1e-5, rtol=0)
+    assert (unshifted - want).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -151,13 +199,17 @@ def test_smollm2_same_prefix_gives_hf_peft_logits():
 
     model, tokenizer = load_model("smollm2-135m", kind="causal_lm")
     length = 5
-    ids = tokenizer(["What is the capital of France?"], return_tensors="pt")["input_ids"]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["What is the capital of France?", "Hi"], return_tensors="pt", padding=True)
+    real = inputs["attention_mask"].bool()
     peft, hf = _hf_prefix_pair(model, length)
     assert peft.summary().per_adapter["default"] == hf.get_nb_trainable_parameters()[0] == 30 * 2 * length * 192
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
-        theirs = hf(input_ids=ids).logits
-        ours = model(input_ids=ids, position_ids=(torch.arange(ids.shape[1]) + length)[None]).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        theirs = hf(**inputs).logits
+        ours = model(**inputs).logits
+        assert torch.equal(model.generate(**inputs, **options), hf.generate(**inputs, **options))
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -8,8 +8,9 @@ that picks the PeftModel class (written from the model class: ``*ForCausalLM`` �
   and the values ``[:, (2i+1)·d_kv:(2i+2)·d_kv]`` (heads major, d_kv = key/value heads × head dim). HF saves the
   final prefix (after its ``prefix_projection`` MLP) and unipeft folds its training-time MLP the same way, so the
   MLP never travels and a written config has ``prefix_projection: false``. HF runs the prefix as a KV cache, so the
-  real tokens sit at positions l..l+T−1 there and 0..T−1 in unipeft (see :mod:`unipeft.methods.prefix`): pass
-  ``position_ids = l + arange(T)`` to get HF's outputs.
+  real tokens sit at positions l..l+T−1; unipeft's prefixes number them the same way (``shift_positions``, on by
+  default, :mod:`unipeft.core.seq.shift`), so an adapter gives the same logits and generations on either side, with
+  either padding side. A prefix with ``shift_positions: false`` is refused on export.
 
 Encoder-decoder models are refused (HF's ``num_transformer_submodules: 2`` puts prompts in the decoder too, and its
 prefix covers decoder self- and cross-attention with one tensor), as are prefixes on only some layers or with a gate.
@@ -137,6 +138,10 @@ class PrefixTuningMapping(HFMethod):
             raise ValueError("prefix tuning of an encoder-decoder model cannot be saved for HF peft, whose prefix "
                              "covers encoder, decoder and cross-attention with one tensor")
         for p in placements:
+            if not p.placed.form.shift_positions:
+                raise ValueError(f"the prefix at {p.module} has shift_positions: false (real tokens at 0..T-1); HF "
+                                 "peft's prefix numbers them after the prefix (l..l+T-1), so it would compute other "
+                                 "outputs there: train with shift_positions: true to export")
             if p.site.position != "attn" or type(p.placed.compose).__name__ != "Add":
                 raise ValueError(f"the prefix at {p.module} (position {p.site.position}, composition "
                                  f"{type(p.placed.compose).__name__.lower()}) has no HF peft equivalent: HF's prefix "

@@ -18,11 +18,12 @@ into ``key``/``value`` (exactly: the output does not change) and leaves the MLP 
 adapter computes the saved prefix exactly; training it further continues through a freshly initialised MLP as a
 residual on top. With ``reparam: null`` P is trained directly (P-tuning v2, and HF peft's default).
 
-Deliberate differences from HF peft's ``PrefixTuningConfig`` (which feeds P as a pre-filled KV cache):
+Positions: the real tokens sit after the prefix, at l..l+T−1 (position ids given are shifted by l), as in Li & Liang's
+GPT-2 code and HF peft, which feed P as a pre-filled KV cache (:mod:`unipeft.core.seq.shift`); so a prefix gives HF
+peft's logits and generations exactly, with either padding side (tests/methods/test_prefix.py). ``shift_positions:
+false`` keeps the plain model's 0..T−1 instead (the full learned-position range for real tokens; such a prefix has no
+HF peft equivalent). Deliberate differences from HF peft's ``PrefixTuningConfig``:
 
-* the real tokens keep positions 0..T−1 here, where HF peft (and Li & Liang's GPT-2 code) shift them to l..l+T−1;
-  with rotary embeddings this is the same as rotating P_k by l positions, and passing ``position_ids = l + arange(T)``
-  reproduces HF peft's logits exactly (tests/methods/test_prefix.py);
 * T5's relative position bias is 0 for the prefix columns (HF peft's cache puts the prefix at relative positions);
 * cross-attention blocks can take prefixes too (``xattn``).
 
@@ -38,8 +39,9 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, SiteShape, register_form
-from unipeft.core.seq.attention import attention_dims, bind_prefix
+from unipeft.core.seq.attention import attention_dims, attention_module, bind_prefix
 from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
+from unipeft.core.seq.shift import bind_shift
 
 if TYPE_CHECKING:
     from unipeft.core.positions import Site
@@ -57,10 +59,13 @@ class PrefixConfig(SequenceFormConfig):
     Attributes:
         length: l, the number of prefix key/value vectors per attention block.
         reparam: hidden size h of the training-time MLP P = MLP(E); None trains P directly (P-tuning v2).
+        shift_positions: number the real tokens after the prefix (l..l+T−1, Li & Liang's and HF peft's convention);
+            false keeps 0..T−1.
     """
 
     length: int = 10
     reparam: int | None = 512
+    shift_positions: bool = True
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -106,7 +111,8 @@ class Prefix(SequenceForm):
         self.value = nn.Parameter(torch.empty(length, width))
         self.trunk: PrefixTrunk | None = None
         self.up: nn.Linear | None = None
-        self._release: Any = None
+        self.shift_positions = config.shift_positions
+        self._release: list[Any] = []
         if config.reparam is None:
             nn.init.normal_(self.key)  # N(0, 1), as HF peft's nn.Embedding
             nn.init.normal_(self.value)
@@ -138,12 +144,13 @@ class Prefix(SequenceForm):
         return [*self.trunk.parameters(), *self.up.parameters()]
 
     def bind(self, model: nn.Module, site: "Site", host: "DeltaSite", placed: "Placed") -> None:
-        self._release = bind_prefix(model, site, host, placed)
+        self._release.append(bind_prefix(model, site, host, placed))
+        if self.shift_positions:
+            self._release.append(bind_shift(model, attention_module(model, site), host, placed, self.key.shape[0]))
 
     def on_detach(self, base: nn.Module) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+        while self._release:
+            self._release.pop()()
 
     def extra_repr(self) -> str:
         length, width = self.key.shape

@@ -54,7 +54,7 @@ class _Prompts:
         prompts = self.prompts()
         if prompts is None:
             return None
-        kw = _as_kwargs(model, args, kwargs)
+        kw = call_kwargs(model, args, kwargs)
         n = prompts.shape[0]
         if self.encoder_decoder:
             _extend_encoder_mask(kw, n)
@@ -76,7 +76,7 @@ class _Prompts:
         prompts = self.prompts()
         if prompts is None:
             return None
-        kw = _as_kwargs(encoder, args, kwargs)
+        kw = call_kwargs(encoder, args, kwargs)
         _prepend(kw, prompts, encoder.get_input_embeddings(), token_labels=False)
         return (), kw
 
@@ -87,7 +87,7 @@ class _Prompts:
         self.handles.clear()
 
 
-def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call's arguments as keywords, positional ones named after ``module.forward``'s parameters."""
     kw = dict(kwargs)
     if args:
