@@ -183,7 +183,7 @@ def test_prepare_with_a_count_and_with_a_loss_fn(tiny):
 def test_prepare_is_a_noop_without_fishmask(tiny):
     peft = unipeft.attach(tiny.model("bert"), "lora")
     assert sparse.prepare(peft, []) == {} and not sparse.needs_prepare(peft)
-    assert sparse.on_step(peft, 10, 10) is False
+    assert peft.on_step(10, 10) is False
 
 
 def test_training_the_random_placeholder_warns(tiny):
@@ -301,7 +301,7 @@ def test_on_step_prunes_at_prune_at(tiny):
         optimizer.zero_grad()
         tiny.loss(model, batch).backward()
         optimizer.step()
-        if sparse.on_step(peft, step, 4):
+        if peft.on_step(step, 4):
             rebuilt.append(step)
             optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=1e-3)
     assert rebuilt == [2]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from unipeft.core.compose import build_composition
-from unipeft.core.delta import SiteShape
+from unipeft.core.delta import Form, SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
 from unipeft.core.quant import hold_autograd_kernels, is_quantized, release_autograd_kernels, weight_shape
@@ -396,12 +396,57 @@ class Peft:
 
         return MixedBatch(self, adapter_names)
 
-    def on_step(self, step: int, total_steps: int) -> None:
-        """Tell the active adapters' forms that optimizer step ``step`` of ``total_steps`` is done
-        (a no-op for most forms; AdaLoRA reallocates its rank budget here). Training loops call this."""
-        for name in self.active:
-            for _, placed in self._placed(name):
-                placed.form.on_step(step, total_steps)
+    # ----------------------------------------------------------------------------------------------- training
+    # The forms' training contract (:class:`~unipeft.core.delta.Form`), gathered over the active adapters. Every
+    # training loop — unipeft's own, ``AdapterTrainer``, a plain PyTorch loop — calls these four:
+    #
+    #     if peft.needs_prepare(): peft.prepare(first_batches)           # before building the optimizer
+    #     loss = model(**batch).loss + peft.loss_term()
+    #     loss.backward(); optimizer.step()
+    #     if peft.on_step(step, total_steps): <give the optimizer peft.trainable_parameters()>
+    #     optimizer.zero_grad()
+    def _active_forms(self) -> list[Form]:
+        return [placed.form for name in self.active for _, placed in self._placed(name)]
+
+    def loss_term(self) -> torch.Tensor:
+        """The active adapters' regularisers, to add to the training loss (a zero scalar when none has one)."""
+        terms = [t for t in (form.loss_term() for form in self._active_forms()) if t is not None]
+        if terms:
+            return torch.stack([t.reshape(()) for t in terms]).sum()
+        device = next(iter(self.model.parameters())).device
+        return torch.zeros((), device=device)
+
+    def needs_prepare(self) -> bool:
+        """Whether some active form must see training batches before training (:meth:`prepare`)."""
+        return any(form.needs_prepare() for form in self._active_forms())
+
+    def prepare(self, batches: Iterable[Any], *, loss_fn: Callable[..., torch.Tensor] | None = None) -> bool:
+        """Before building the optimizer: let the active forms that need data see a few real training batches
+        (FishMask chooses its entries by Fisher information; give about
+        :data:`~unipeft.core.delta.PREPARE_BATCHES`, with labels, or ``loss_fn(model, batch) -> loss``).
+
+        Returns:
+            True if trainable tensors were replaced (so an optimizer built before must be given the new ones).
+        """
+        batches = list(batches)
+        replaced = False
+        for form in self._active_forms():
+            if form.needs_prepare():
+                replaced |= bool(form.prepare(self.model, batches, loss_fn))
+        return replaced
+
+    def on_step(self, step: int, total_steps: int) -> bool:
+        """Tell the active adapters' forms that optimizer step ``step`` (1-based) of ``total_steps`` is done; call
+        it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (AdaLoRA reads the gradients).
+
+        Returns:
+            True if trainable tensors were replaced (diff pruning): the optimizer must be given
+            :meth:`trainable_parameters` again.
+        """
+        replaced = False
+        for form in self._active_forms():
+            replaced |= bool(form.on_step(step, total_steps))
+        return replaced
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that require grad (the active adapters' deltas, and the base for full fine-tuning)."""

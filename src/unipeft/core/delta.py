@@ -5,16 +5,22 @@ a scaling vector ((IA)³), a bias (BitFit), ... Where and how Δ enters the mode
 multiplicative; composition: add, scaled, gated) is decided by :class:`unipeft.core.site.Placed`, not by the form.
 
 Adding a method means writing one form and its config in ``unipeft/methods/`` and registering it with
-:func:`register_form`; nothing in the core changes.
+:func:`register_form`; nothing in the core changes. A form that needs something from training (a regulariser, a look
+at data before the optimizer exists, a step-wise schedule) says so through the training contract on :class:`Form`
+(``loss_term``, ``needs_prepare``/``prepare``, ``on_step``), which :class:`unipeft.Peft` gathers and every training
+loop calls; no loop knows a method by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
+
+#: Training batches a loop hands to :meth:`Form.prepare` (FishMask scores its Fisher information on them).
+PREPARE_BATCHES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +89,32 @@ class Form(nn.Module):
     def on_detach(self, base: nn.Module) -> None:
         """Called when the form is removed from ``base`` (adapter removed or model detached)."""
 
-    def on_step(self, step: int, total_steps: int) -> None:
-        """Called by training loops after each optimizer step (AdaLoRA's rank reallocation uses it)."""
+    # ------------------------------------------------------------------ the training contract (every loop calls it)
+    def loss_term(self) -> torch.Tensor | None:
+        """A regulariser this form adds to the training loss (AdaLoRA's orthogonality term), or None."""
+        return None
+
+    def needs_prepare(self) -> bool:
+        """Whether :meth:`prepare` still has to run before training (FishMask, until it has chosen its entries)."""
+        return False
+
+    def prepare(self, model: nn.Module, batches: Sequence[Any], loss_fn: Callable[..., torch.Tensor] | None) -> bool:
+        """Before the optimizer is built: look at a few real training ``batches`` of ``model`` (FishMask scores the
+        Fisher information on them; ``loss_fn(model, batch)`` gives the loss, None: ``model(**batch).loss``).
+
+        Returns:
+            True if the trainable tensors were replaced (build the optimizer afterwards).
+        """
+        return False
+
+    def on_step(self, step: int, total_steps: int) -> bool:
+        """After optimizer step ``step`` (1-based) of ``total_steps``, with the gradients still present (AdaLoRA
+        reallocates its rank budget, diff pruning prunes at ``prune_at``).
+
+        Returns:
+            True if the trainable tensors were replaced (the optimizer must be given the new ones).
+        """
+        return False
 
     def resize_(self, shapes: Mapping[str, torch.Size]) -> None:
         """Called by :func:`unipeft.load_adapter` before the saved tensors are copied in, with their shapes (keys as in

@@ -7,6 +7,16 @@ adapted model, but is the size of the base model and does not load into a plain 
 ``Peft.save_pretrained(output_dir)`` (a few MB; loads with :func:`unipeft.from_pretrained`) plus the tokenizer and
 training arguments, and resumes (``resume_from_checkpoint``, ``load_best_model_at_end``) by hot-swapping the saved
 adapter weights into the live adapters, so the optimizer's references stay valid.
+
+It also keeps the forms' training contract (:class:`unipeft.core.delta.Form`), which a plain ``Trainer`` would skip:
+
+- ``train()`` first lets forms that need data see the first :data:`~unipeft.core.delta.PREPARE_BATCHES` training
+  batches (FishMask chooses its entries there), before the optimizer is built;
+- ``compute_loss`` adds ``peft.loss_term()`` in training (AdaLoRA's orthogonality regulariser), once per optimizer
+  step whatever the gradient accumulation;
+- after every ``optimizer.step()``, with the gradients still present, a callback calls
+  ``peft.on_step(global_step + 1, max_steps)`` (AdaLoRA reallocates its budget, diff pruning prunes); when the
+  trainable tensors were replaced, the optimizer's parameter groups get the new tensors (their state starts afresh).
 """
 
 from __future__ import annotations
@@ -21,10 +31,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from unipeft.core.adapted import Peft, handle
+from unipeft.core.delta import PREPARE_BATCHES
 from unipeft.core.io import CONFIG_NAME
 from unipeft.core.pretrained import INDEX_NAME
 
@@ -99,6 +110,63 @@ class AdapterTrainer(Trainer):
         with _adapters_count_as_trainable(model):
             super().__init__(model, *args, **kwargs)
 
+        self.add_callback(_FormSteps(self))
+
+    # ------------------------------------------------------------------------------------ the training contract
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, after the forms that need data have seen the first training batches (FishMask)."""
+        peft = self._peft()
+        if peft.needs_prepare() and kwargs.get("resume_from_checkpoint", args[0] if args else None) in (None, False):
+            batches = []
+            for batch in self.get_train_dataloader():
+                batches.append(self._prepare_inputs(batch))
+                if len(batches) == PREPARE_BATCHES:
+                    break
+            before = _trainable(peft)
+            if peft.prepare(batches):
+                self._give_optimizer(before)
+            log.info("prepared the adapters on %d training batches", len(batches))
+        return super().train(*args, **kwargs)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The model's loss plus the forms' regularisers (in training), counted once per optimizer step."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return result
+        term = self._peft(model).loss_term()
+        if self._loss_scaled_for_accumulation(num_items_in_batch):  # Trainer will not divide this loss by the steps
+            term = term / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
+        if return_outputs:
+            loss, outputs = result
+            return loss + term.to(loss.dtype), outputs
+        return result + term.to(result.dtype)
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Whether ``training_step`` leaves the loss undivided by the accumulation steps (as ``Trainer`` decides)."""
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return bool(fixed)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
+    def _give_optimizer(self, before: dict[str, nn.Parameter]) -> None:
+        """Put the tensors that replaced trainable ones (same names) into the optimizer's groups; drop the old state."""
+        if self.optimizer is None:
+            return
+        now = _trainable(self._peft())
+        swap = {id(old): now[name] for name, old in before.items() if name in now and now[name] is not old}
+        if not swap:
+            return
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        for group in optimizer.param_groups:
+            for i, param in enumerate(group["params"]):
+                if id(param) in swap:
+                    optimizer.state.pop(param, None)
+                    group["params"][i] = swap[id(param)]
+        log.info("gave the optimizer %d replaced trainable tensors", len(swap))
+
     def _peft(self, model: nn.Module | None = None) -> Peft:
         return handle(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False))
 
@@ -121,6 +189,23 @@ class AdapterTrainer(Trainer):
         names = load_checkpoint_adapters(self._peft(), self.state.best_model_checkpoint)
         log.info("loaded the best adapters %s from %s (score %s)", ", ".join(names),
                  self.state.best_model_checkpoint, self.state.best_metric)
+
+
+def _trainable(peft: Peft) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in peft.model.named_parameters() if p.requires_grad}
+
+
+class _FormSteps(TrainerCallback):
+    """Calls ``peft.on_step`` right after each optimizer step (before ``zero_grad``: AdaLoRA reads the gradients)."""
+
+    def __init__(self, trainer: AdapterTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        peft = self.trainer._peft()
+        before = _trainable(peft)
+        if peft.on_step(state.global_step + 1, state.max_steps):
+            self.trainer._give_optimizer(before)
 
 
 __all__ = ["AdapterTrainer", "load_checkpoint_adapters"]

@@ -6,7 +6,8 @@ Each site learns its update in SVD form, and the rank budget moves during traini
                                            P ∈ R^{d_out×r₀} (``lora_B``),  r₀ = ``init_r``
 
 with P, Q ~ N(0, 0.02²) and the orthogonality regulariser R = ‖QQᵀ − I‖_F + ‖PᵀP − I‖_F, weighted by
-``orth_reg_weight`` and averaged over the matrices (:func:`adalora_orth_loss`, which the training loss adds).
+``orth_reg_weight`` and averaged over the matrices (:meth:`AdaLoRA.loss_term`, which ``peft.loss_term()`` gathers
+for the training loss).
 Every singular triplet i gets the importance S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji), where for each entry
 s = Ī·Ū, Ī the EMA (β₁) of the sensitivity I = |θ·∇θ| and Ū the EMA (β₂) of |I − Ī|. The total budget (in
 triplets over all sites of the adapter) falls from Σ init_r to target_r × n_sites on a cubic schedule:
@@ -16,9 +17,9 @@ triplets over all sites of the adapter) falls from Σ init_r to target_r × n_si
     b(t) = b_T, ranks fixed                      for t ≥ T − t_final
 
 and the triplets with the lowest S have λ_i set to 0. This follows HF peft's ``RankAllocator`` step for step;
-``Peft.on_step(step, total_steps)`` drives it (HF's ``update_and_allocate(global_step)`` with ``total_step``). It
-reads the gradients, so a training loop calls it after ``optimizer.step()`` and *before* ``optimizer.zero_grad()``,
-as HF peft requires.
+``Peft.on_step(step, total_steps)`` drives it (HF's ``update_and_allocate(global_step)`` with ``total_step``); every
+training loop calls it (unipeft's, ``AdapterTrainer`` through a callback, a plain loop). It reads the gradients, so
+it runs after ``optimizer.step()`` and *before* ``optimizer.zero_grad()``, as HF peft requires.
 
 Because the budget is global, all sites of one adapter share a :class:`RankAllocator`: ``AdaLoRAConfig.build`` joins
 the allocator that is open for equal configs, and the first ``on_attach`` of its sites closes it, so every ``Peft.add``
@@ -162,9 +163,15 @@ class AdaLoRA(Form):
     def on_detach(self, base: nn.Module) -> None:
         self.attached = False
 
-    def on_step(self, step: int, total_steps: int) -> None:
+    def loss_term(self) -> torch.Tensor:
+        """This site's share of the orthogonality regulariser: orth_reg_weight · (‖QQᵀ − I‖_F + ‖PᵀP − I‖_F) / (2n),
+        n the sites of its budget, so the adapter's terms sum to HF peft's mean over its P and Q matrices."""
+        return self.orth_reg_weight * self.orthogonality() / (2 * max(len(self.allocator.sites()), 1))
+
+    def on_step(self, step: int, total_steps: int) -> bool:
         if not self.merged:
             self.allocator.step(step, total_steps)
+        return False
 
 
 class RankAllocator:
@@ -286,24 +293,20 @@ class RankAllocator:
 
 
 def adalora_orth_loss(peft: "Peft", name: str | None = None) -> torch.Tensor:
-    """AdaLoRA's orthogonality regulariser for the training loss: for each adapter (default: the active ones),
-    orth_reg_weight × mean over its P and Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F — HF peft adds the same term to
-    ``outputs.loss`` in ``AdaLoraModel.forward``. A training loop does ``loss = loss + adalora_orth_loss(peft)``.
+    """AdaLoRA's orthogonality regulariser of adapter ``name`` (default: the active ones): the sum of its sites'
+    :meth:`AdaLoRA.loss_term`, orth_reg_weight × the mean over its P and Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F (HF
+    peft adds the same term to ``outputs.loss`` in ``AdaLoraModel.forward``). Training loops add
+    ``peft.loss_term()``, which includes it; this names AdaLoRA's part alone.
 
     Returns:
         A scalar tensor (0 when no adapter has AdaLoRA deltas).
     """
-    total: torch.Tensor | None = None
-    for adapter in [name] if name is not None else list(peft.active):
-        sites = [p.form for _, p in peft.delta_modules(adapter) if isinstance(p.form, AdaLoRA)]
-        if not sites:
-            continue
-        term = sum(s.orth_reg_weight * s.orthogonality() for s in sites) / (2 * len(sites))
-        total = term if total is None else total + term
-    if total is None:
-        device = next(iter(peft.model.parameters())).device
-        return torch.zeros((), device=device)
-    return total
+    names = [name] if name is not None else list(peft.active)
+    terms = [p.form.loss_term() for adapter in names for _, p in peft.delta_modules(adapter)
+             if isinstance(p.form, AdaLoRA)]
+    if not terms:
+        return torch.zeros((), device=next(iter(peft.model.parameters())).device)
+    return torch.stack(terms).sum()
 
 
 __all__ = ["AdaLoRA", "AdaLoRAConfig", "RankAllocator", "adalora_orth_loss"]

@@ -12,35 +12,39 @@ with ``scatter`` vs 0.80 ms with ``index_put`` at k = 0.5 %, 0.99 vs 1.21 ms at 
 
 * **FishMask** chooses the k entries with the largest empirical Fisher information (mean squared gradient of the
   loss over a few real batches, :mod:`unipeft.methods.fisher`), a global top-k over all its sites, and trains only
-  those. Choosing needs data, which a form never sees, so the trainer calls :func:`prepare` with a few batches before
-  it builds its optimizer. Until then each site holds a random mask of the same budget (Sung et al.'s random-mask
-  baseline), and training it warns.
+  those. Choosing needs data, which a form never sees at build time, so every training loop calls
+  ``peft.prepare`` with a few batches before it builds its optimizer. Until then each site holds a random mask of the
+  same budget (Sung et al.'s random-mask baseline), and training it warns.
 * **Diff pruning**, the magnitude-pruning variant: a dense diff δ trains first; at ``prune_at`` of training,
-  :func:`on_step` (or :func:`prune`) keeps the k entries with the largest |δ| (global over the delta's sites) and the
+  ``peft.on_step`` (or :func:`prune`) keeps the k entries with the largest |δ| (global over the delta's sites) and the
   rest of training fine-tunes those. Guo et al. learn the mask with a relaxed-L0 (hard-concrete) penalty and end with
   this same magnitude projection to the exact budget; the penalty is left out here.
 
-Trainer hooks (both are no-ops for adapters without such deltas)::
+Both act through the forms' training contract (:class:`unipeft.core.delta.Form`), which every training loop calls
+through the handle (no-ops for adapters without such deltas)::
 
-    chosen = unipeft.methods.sparse.prepare(peft, batches)       # before building the optimizer
+    if peft.needs_prepare():
+        peft.prepare(first_batches)                        # FishMask chooses: before building the optimizer
     ...
-    if unipeft.methods.sparse.on_step(peft, step, total_steps):  # after each optimizer step
+    if peft.on_step(step, total_steps):                    # after each optimizer step: diff pruning has pruned
         optimizer = make_optimizer(peft.trainable_parameters())  # the trainable tensors were replaced
+
+The budget is global over the sites of one delta spec: ``share`` ties them into a :class:`SparseGroup`, and the
+first of them that a hook reaches acts for all. :func:`prepare` and :func:`prune` do the same on request.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipeft.core.adapted import Peft, site_base
+from unipeft.core.adapted import Peft
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.site import Placed
 from unipeft.methods.fisher import LossFn, budget, compute_fisher_mask, fisher_scores, global_top_k, model_loss
 
 
@@ -90,6 +94,10 @@ class FishMaskConfig(FormConfig):
         indices = torch.randperm(numel, generator=generator)[:n].sort().values
         return SparseDelta(self, shape, indices=indices.to(torch.get_default_device()))
 
+    def share(self, forms: list[Form]) -> None:
+        """One budget (a global top-k) over the delta's sites."""
+        SparseGroup(forms)
+
 
 @register_form("diff_prune")
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +128,10 @@ class DiffPruneConfig(FormConfig):
         _check_linear("diff_prune", shape)
         return SparseDelta(self, shape, indices=None)
 
+    def share(self, forms: list[Form]) -> None:
+        """One budget (a global top-k) over the delta's sites."""
+        SparseGroup(forms)
+
 
 class SparseDelta(Form):
     """Δ(x) = x Δᵀ with Δ dense (``indices`` is None: diff pruning before pruning) or sparse (k chosen entries).
@@ -140,6 +152,8 @@ class SparseDelta(Form):
         self.register_buffer("indices", indices)
         size = (self.d_out, self.d_in) if indices is None else (indices.numel(),)
         self.values = nn.Parameter(torch.zeros(size))
+        self.site = SiteRef(shape.base, shape.out_slice)  # what FishMask scores (held outside the module tree)
+        self.group = SparseGroup([self])  # until ``share`` joins the delta's sites
 
     def extra_repr(self) -> str:
         kept = "dense" if self.indices is None else f"k={self.indices.numel()}"
@@ -177,35 +191,89 @@ class SparseDelta(Form):
         if "indices" in shapes:  # a saved sparse delta: take its number of entries (the values are loaded next)
             self.set_entries_(torch.zeros(shapes["indices"][0], dtype=torch.long), chosen="loaded")
 
-    def on_step(self, step: int, total_steps: int) -> None:
+    # training contract
+    def needs_prepare(self) -> bool:
+        return self.chosen == "random"
+
+    def prepare(self, model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None) -> bool:
+        """FishMask: the delta's sites choose their entries by Fisher information on ``batches`` (once per group)."""
+        return bool(self.group.choose(model, batches, loss_fn or model_loss))
+
+    def on_step(self, step: int, total_steps: int) -> bool:
         if self.chosen == "random":
-            warnings.warn("FishMask is training its random placeholder mask: call "
-                          "unipeft.methods.sparse.prepare(peft, batches) before training", stacklevel=2)
+            warnings.warn("FishMask is training its random placeholder mask: call peft.prepare(batches) before "
+                          "training (every unipeft loop and AdapterTrainer do)", stacklevel=2)
+        if isinstance(self.config, DiffPruneConfig) and step >= self.config.prune_at * total_steps:
+            return self.group.prune()
+        return False
 
 
-# ----------------------------------------------------------------------------------------------- trainer hooks
-def _groups(peft: Peft, kind: type[FormConfig], name: str | None) -> Iterator[list[tuple[str, Placed]]]:
-    """Per adapter and per delta spec (one config object), the (site module, placed) of its sparse deltas."""
+class SiteRef:
+    """The base module and output slice a sparse delta's entries index (a plain object, so the base stays out of the
+    delta's module tree and state dict)."""
+
+    def __init__(self, base: nn.Module, out_slice: tuple[int, int] | None) -> None:
+        self.base = base
+        self.out_slice = out_slice
+
+
+class SparseGroup:
+    """The sparse deltas of one delta spec in one adapter, which share one budget k (a global top-k over them)."""
+
+    def __init__(self, forms: list[Form]) -> None:
+        self.forms = [f for f in forms if isinstance(f, SparseDelta)]
+        for form in self.forms:
+            form.group = self
+
+    def choose(self, model: nn.Module, batches: Iterable[Any], loss_fn: LossFn) -> list[int]:
+        """FishMask: keep the k entries of largest empirical Fisher information over the group's sites (values 0, so
+        the outputs are unchanged). Returns the entries chosen per form (empty if none still held a random mask)."""
+        if not any(f.chosen == "random" for f in self.forms):
+            return []
+        targets = [(f.site.base, f.site.out_slice) for f in self.forms]
+        scores = fisher_scores(model, targets, batches, loss_fn=loss_fn)
+        k = budget(self.forms[0].config.k, sum(s.numel() for s in scores))
+        for form, picked in zip(self.forms, global_top_k(scores, k)):
+            form.set_entries_(picked, chosen="fisher")
+        return [f.indices.numel() for f in self.forms]
+
+    def prune(self) -> bool:
+        """Diff pruning: keep the k entries of largest |δ| of the still-dense diffs (global over the group).
+        Returns True if some diff was pruned (its trainable tensors were replaced)."""
+        dense = [f for f in self.forms if f.indices is None]
+        if not dense:
+            return False
+        magnitudes = [f.values.detach().abs() for f in dense]
+        k = budget(dense[0].config.k, sum(m.numel() for m in magnitudes))
+        for form, picked in zip(dense, global_top_k(magnitudes, k)):
+            form.set_entries_(picked, form.values.detach().reshape(-1)[picked], chosen="magnitude")
+        return True
+
+
+# ----------------------------------------------------------------------------------------------- on request
+def _groups(peft: Peft, kind: type[FormConfig], name: str | None) -> list[tuple[SparseGroup, list[str]]]:
+    """The sparse groups of this kind (per adapter and delta spec), each with its forms' site modules."""
+    found: dict[int, tuple[SparseGroup, list[str]]] = {}
     for adapter in [name] if name else list(peft.recipes):
-        groups: dict[int, list[tuple[str, Placed]]] = {}
         for module, placed in peft.delta_modules(adapter):
-            if isinstance(placed.form, SparseDelta) and isinstance(placed.form.config, kind):
-                groups.setdefault(id(placed.form.config), []).append((module, placed))
-        yield from groups.values()
+            form = placed.form
+            if isinstance(form, SparseDelta) and isinstance(form.config, kind):
+                found.setdefault(id(form.group), (form.group, []))[1].append(module)
+    return list(found.values())
 
 
 def needs_prepare(peft: Peft) -> bool:
     """Whether some FishMask delta still holds its random placeholder mask."""
-    return any(p.form.chosen == "random" for group in _groups(peft, FishMaskConfig, None) for _, p in group)
+    return any(f.chosen == "random" for group, _ in _groups(peft, FishMaskConfig, None) for f in group.forms)
 
 
 def prepare(peft: Peft, batches: Iterable[Any], *, name: str | None = None,
             loss_fn: LossFn = model_loss) -> dict[str, int]:
-    """Before training: every FishMask delta chooses its k entries by the empirical Fisher information.
+    """FishMask deltas (of adapter ``name``, default all, active or not) choose their k entries by the empirical
+    Fisher information now — what ``peft.prepare(batches)`` does for the active adapters in a training loop.
 
-    One pass over ``batches`` scores the base weights at all FishMask sites; each delta spec then keeps its global
-    top-k (its ``fraction`` of all its sites' entries, or its ``count``), with values 0 (the outputs are unchanged).
-    The trainable tensors are replaced: build the optimizer afterwards. A no-op without FishMask deltas.
+    Each delta spec keeps its global top-k (its ``fraction`` of all its sites' entries, or its ``count``), with values 0
+    (the outputs are unchanged). The trainable tensors are replaced: build the optimizer afterwards.
 
     Args:
         peft: the adapted model's handle.
@@ -214,59 +282,28 @@ def prepare(peft: Peft, batches: Iterable[Any], *, name: str | None = None,
         loss_fn: ``loss_fn(model, batch) -> loss`` for models or batches without a built-in loss.
 
     Returns:
-        Site module → number of entries chosen there.
+        Site module → number of entries chosen there (empty when nothing was left to choose).
     """
-    groups = list(_groups(peft, FishMaskConfig, name))
-    if not groups:
-        return {}
-    placed_all = [(module, placed) for group in groups for module, placed in group]
-    targets = [(site_base(peft, module), placed.out_slice) for module, placed in placed_all]
-    scores = iter(fisher_scores(peft.model, targets, batches, loss_fn=loss_fn))
+    batches = list(batches)
     chosen: dict[str, int] = {}
-    for group in groups:
-        group_scores = [next(scores) for _ in group]
-        k = budget(group[0][1].form.config.k, sum(s.numel() for s in group_scores))
-        for (module, placed), picked in zip(group, global_top_k(group_scores, k)):
-            placed.form.set_entries_(picked, chosen="fisher")
-            chosen[module] = chosen.get(module, 0) + picked.numel()
+    for group, modules in _groups(peft, FishMaskConfig, name):
+        for module, count in zip(modules, group.choose(peft.model, batches, loss_fn)):
+            chosen[module] = chosen.get(module, 0) + count
     return chosen
 
 
 def prune(peft: Peft, *, name: str | None = None) -> bool:
-    """Diff pruning: keep the k entries of largest |δ| of every still-dense diff (global per delta spec).
+    """Diff pruning now: keep the k entries of largest |δ| of every still-dense diff (global per delta spec), as
+    ``peft.on_step`` does at ``prune_at`` of training.
 
     Returns:
         True if some diff was pruned (its trainable tensors were replaced: rebuild the optimizer).
     """
     pruned = False
-    for group in _groups(peft, DiffPruneConfig, name):
-        pruned |= _prune_group(group)
+    for group, _ in _groups(peft, DiffPruneConfig, name):
+        pruned |= group.prune()
     return pruned
 
 
-def on_step(peft: Peft, step: int, total_steps: int) -> bool:
-    """After optimizer step ``step`` (1-based) of ``total_steps``: prune the diffs whose ``prune_at`` has come.
-
-    Returns:
-        True if the trainable tensors were replaced (rebuild the optimizer over ``peft.trainable_parameters()``).
-    """
-    pruned = False
-    for group in _groups(peft, DiffPruneConfig, None):
-        if step >= group[0][1].form.config.prune_at * total_steps:
-            pruned |= _prune_group(group)
-    return pruned
-
-
-def _prune_group(group: list[tuple[str, Placed]]) -> bool:
-    dense = [placed for _, placed in group if placed.form.indices is None]
-    if not dense:
-        return False
-    magnitudes = [placed.form.values.detach().abs() for placed in dense]
-    k = budget(dense[0].form.config.k, sum(m.numel() for m in magnitudes))
-    for placed, picked in zip(dense, global_top_k(magnitudes, k)):
-        placed.form.set_entries_(picked, placed.form.values.detach().reshape(-1)[picked], chosen="magnitude")
-    return True
-
-
-__all__ = ["FishMaskConfig", "DiffPruneConfig", "SparseDelta", "prepare", "prune", "on_step", "needs_prepare",
+__all__ = ["FishMaskConfig", "DiffPruneConfig", "SparseDelta", "SparseGroup", "prepare", "prune", "needs_prepare",
            "compute_fisher_mask"]

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import unipeft
 from unipeft.core.adapted import Peft
+from unipeft.core.delta import PREPARE_BATCHES
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.data import TaskSpec, collate, encode, load_rows
 from unipeft.models import load_model
@@ -46,7 +47,6 @@ from unipeft.train.checkpoint import (
 from unipeft.train.config import TrainConfig
 from unipeft.train.evaluate import evaluate
 from unipeft.train.generation import evaluate_generation
-from unipeft.train.hooks import FISHER_BATCHES, MethodHooks
 from unipeft.train.report import peak_rss_mib, plot_curves, write_json
 from unipeft.train.sampling import epoch_plan
 from unipeft.train.schedule import lr_factor, warmup_steps
@@ -142,17 +142,18 @@ def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | N
     return meta
 
 
-def _step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-          hooks: MethodHooks, max_grad_norm: float | None, step: int, total: int) -> tuple[float, bool]:
+def _step(peft: Peft, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+          max_grad_norm: float | None, step: int, total: int) -> tuple[float, bool]:
     """Optimizer step ``step`` (1-based) on ``batch``; returns the task loss and whether the trainable tensors were
-    replaced (then the optimizer must be rebuilt). The methods' hooks run after the update, while the gradients are
-    still there (AdaLoRA scores its singular values with them)."""
-    loss = model(**batch).loss
-    hooks.loss(loss).backward()
+    replaced (then the optimizer must be rebuilt). The forms' training contract: their regularisers join the loss,
+    and ``peft.on_step`` runs after the update, while the gradients are still there (AdaLoRA scores its singular
+    values with them)."""
+    loss = peft.model(**batch).loss
+    (loss + peft.loss_term()).backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
-    replaced = hooks.after_step(step, total)
+    replaced = peft.on_step(step, total)
     optimizer.zero_grad(set_to_none=True)
     return loss.detach().item(), replaced
 
@@ -210,10 +211,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     warmup = warmup_steps(total, config.warmup_ratio)
 
     pad_id = tokenizer.pad_token_id
-    hooks = MethodHooks(peft)
-    if meta is None:
-        hooks.before_training(lambda: (collate([train_set[int(i)] for i in b], pad_id)
-                                       for b in plan_for(0)[:FISHER_BATCHES]))
+    if meta is None and peft.needs_prepare():  # FishMask chooses its entries on the first training batches
+        peft.prepare(collate([train_set[int(i)] for i in b], pad_id) for b in plan_for(0)[:PREPARE_BATCHES])
     optimizer = make_optimizer(peft, config)
     state = TrainState()
     if meta is not None:
@@ -250,7 +249,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
-                value, replaced = _step(model, batch, optimizer, hooks, config.max_grad_norm, state.step + 1, total)
+                value, replaced = _step(peft, batch, optimizer, config.max_grad_norm, state.step + 1, total)
                 if replaced:
                     optimizer = make_optimizer(peft, config)
                 state.train_time_s += time.perf_counter() - start
