@@ -196,3 +196,75 @@ def test_minilm_cat_equals_the_weighted_sum(minilm_folder):
         plain = base(**batch).last_hidden_state
     assert (got - plain).abs().max() > 1e-2  # the adapters do change the outputs
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- module copies
+@pytest.fixture
+def heads(tiny, randomize):
+    """(base, handle): the tiny BERT classifier with two adapters as ``unipeft train`` makes them: LoRA plus a
+    trainable copy of the classification head, each trained (randomised) differently."""
+    from unipeft.core.recipe import load_recipe
+    from unipeft.train.loop import with_head
+
+    base = tiny.model("bert")
+    recipe = with_head(load_recipe("lora"), "classification")
+    peft = unipeft.attach(copy.deepcopy(base), recipe, name="a")
+    peft.add(recipe, "b")
+    randomize(peft, "a", seed=1)
+    randomize(peft, "b", seed=2)
+    return base, peft
+
+
+def _head(peft: unipeft.Peft, name: str) -> dict[str, torch.Tensor]:
+    from unipeft.methods.module_copy import ModuleCopy
+
+    (form,) = [p.form for _, p in peft.delta_modules(name) if isinstance(p.form, ModuleCopy)]
+    return {k: v.detach().clone() for k, v in form.module.state_dict().items()}
+
+
+def test_adapters_with_head_copies_are_refused_by_default_naming_the_choices(heads):
+    _, peft = heads
+    with pytest.raises(ValueError) as err:
+        peft.combine(["a", "b"], method="cat")
+    assert all(w in str(err.value) for w in ("module copies", "classifier", "'average'", "'first'"))
+    with pytest.raises(ValueError, match="copies must be one of refuse, average, first or one of the adapters"):
+        peft.combine(["a", "b"], method="cat", copies="mean")
+
+
+@pytest.mark.parametrize("copies", ["average", "first", "b"])
+def test_adapters_with_head_copies_combine_deltas_and_choose_the_head(heads, tiny, tmp_path, copies):
+    base, peft = heads
+    batch = tiny.batch("bert")
+    weights = {"a": 0.75, "b": 0.25}
+    want_head = {"average": {k: 0.75 * v + 0.25 * _head(peft, "b")[k] for k, v in _head(peft, "a").items()},
+                 "first": _head(peft, "a"), "b": _head(peft, "b")}[copies]
+    reference = _by_hand(base, _without_copies(peft), weights)  # the deltas summed into the weights by hand
+    with torch.no_grad():
+        for key, value in want_head.items():
+            reference.get_submodule("classifier").state_dict()[key].copy_(value)
+    peft.combine(["a", "b"], list(weights.values()), method="cat", new_name="m", copies=copies)
+    for key, value in _head(peft, "m").items():
+        torch.testing.assert_close(value, want_head[key], rtol=0, atol=1e-7)
+    peft.set_active("m")
+    torch.testing.assert_close(tiny.logits(peft.model, batch), tiny.logits(reference, batch), rtol=0, atol=1e-5)
+    folder = peft.save(str(tmp_path / "m"), "m")
+    again = unipeft.load_adapter(copy.deepcopy(base), folder)
+    torch.testing.assert_close(tiny.logits(again.model, batch), tiny.logits(reference, batch), rtol=0, atol=1e-5)
+
+
+def _without_copies(peft: unipeft.Peft):
+    """A view of ``peft`` whose delta_modules leave the head copies out (for :func:`_by_hand`)."""
+    from unipeft.methods.module_copy import ModuleCopy
+
+    class View:
+        def delta_modules(self, name):
+            return [(m, p) for m, p in peft.delta_modules(name) if not isinstance(p.form, ModuleCopy)]
+
+    return View()
+
+
+def test_average_of_copies_needs_positive_weights(heads):
+    _, peft = heads
+    with pytest.raises(ValueError, match="sum to 0 over a, b"):
+        peft.combine(["a", "b"], [1.0, -1.0], method="cat", copies="average")
+    peft.combine(["a", "b"], [1.0, -1.0], method="cat", copies="a", new_name="diff")  # task negation, a's head

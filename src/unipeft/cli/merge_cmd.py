@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _head_size(adapter: str) -> int | None:
+def head_size(adapter: str) -> int | None:
     """The number of outputs of the head copy saved in an adapter, if it has one."""
     from unipeft.core.io import read_adapter_config
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         kind, num_labels = args.kind, None
         if kind == "classification":
-            num_labels = _head_size(args.adapter)
+            num_labels = head_size(args.adapter)
             if num_labels is None:
                 raise UsageError(f"adapter {args.adapter} has no head; give --task to know the number of labels")
     model, tokenizer = load_model(args.model, kind=kind, num_labels=num_labels)  # type: ignore[arg-type]

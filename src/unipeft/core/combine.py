@@ -15,6 +15,14 @@ composition's s) with weight w_i. The new adapter is a plain LoRA with α = r, s
 * ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: τ = TIES / DARE / pruning of the full
   ΔW_i with weights w_i, then the truncated SVD.
 
+Module copies (a ``copy`` delta: the trainable classification head that ``unipeft train`` adds, ``ln_tuning``'s
+norms, ``last_k``'s layers) hold whole modules, not a weight delta. ``copies`` says what the new adapter gets at each
+copied module: ``average`` (the weighted mean θ = Σ_i w_i θ_i / Σ_i w_i over the adapters that copy it: a model soup
+of, e.g., two heads of the same task), ``first`` (the copy of the first adapter in ``adapters`` that has one), an
+adapter's name (that adapter's copy), or ``refuse`` (the default: an error naming these choices, as HF peft, which
+refuses adapters that hold ``modules_to_save`` of the same module). The new adapter then holds a ``copy`` delta there
+next to its LoRA.
+
 Papers: task arithmetic (Ilharco et al. 2023, arXiv 2212.04089), TIES-merging (Yadav et al. 2023, arXiv 2306.01708),
 DARE (Yu et al. 2023, arXiv 2311.03099). Factor methods take LoRA deltas (rsLoRA too); the SVD methods take any
 delta exposing ``delta_weight()`` (AdaLoRA, DoRA at the current base, LoHa, LoKr, VeRA, sparse deltas). Weights may be
@@ -36,6 +44,7 @@ from unipeft.core.combine_ops import SignMethod, merge_tensors, svd_factors
 from unipeft.core.recipe import DeltaSpec, Recipe
 from unipeft.core.site import Placed, base_named_modules
 from unipeft.methods.lora import LoRA, LoRAConfig
+from unipeft.methods.module_copy import CopyConfig, ModuleCopy
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ SUPPORTED = ("factor methods (linear, cat, ties, dare_linear, dare_ties, magnitu
              "too); svd and the *_svd methods also take any delta with a weight delta (AdaLoRA, DoRA, LoHa, LoKr, "
              "VeRA, sparse); all must be inserted in parallel on a module with composition add or scaled")
 Key = tuple[str, "tuple[int, int] | None"]  # (site module, output slice)
+COPY_CHOICES = ("refuse", "average", "first")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +104,7 @@ class CombineConfig:
 def combine(peft: Peft, adapters: Sequence[str], weights: Sequence[float] | None = None, *,
             method: Method = "cat", new_name: str = "combined", density: float | None = None,
             svd_rank: int | None = None, svd_clamp: float | None = None, majority_sign: SignMethod = "total",
-            seed: int | None = None, generator: torch.Generator | None = None) -> Peft:
+            seed: int | None = None, generator: torch.Generator | None = None, copies: str = "refuse") -> Peft:
     """Add adapter ``new_name``, a LoRA combining ``adapters`` with ``weights`` (inactive, like :meth:`Peft.add`).
 
     Args:
@@ -103,6 +113,8 @@ def combine(peft: Peft, adapters: Sequence[str], weights: Sequence[float] | None
         weights: one weight per adapter, may be negative; None for the average (1/n each).
         method, density, svd_rank, svd_clamp, majority_sign, seed: see :class:`CombineConfig`.
         generator: the generator of DARE's masks (overrides ``seed``).
+        copies: what the new adapter gets where the adapters hold module copies (classification heads):
+            ``refuse``, ``average``, ``first`` or one of ``adapters`` (see the module docstring).
 
     Returns:
         ``peft``, with the new adapter.
@@ -124,16 +136,26 @@ def combine(peft: Peft, adapters: Sequence[str], weights: Sequence[float] | None
     weights = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    sites = _collect(peft, adapters, config.method)
-    if generator is None and config.seed is not None:
+    if copies not in COPY_CHOICES and copies not in adapters:
+        raise ValueError(f"copies must be one of {', '.join(COPY_CHOICES)} or one of the adapters "
+                         f"({', '.join(adapters)}), got {copies!r}")
+    held = _copies(peft, adapters)
+    if held and copies == "refuse":
+        where = "; ".join(f"{module} ({', '.join(by)})" for module, by in held.items())
+        raise ValueError(f"adapters {adapters} hold module copies, which are whole modules, not weight deltas: "
+                         f"{where}. Choose copies='average' (their weighted mean), 'first', or an adapter's name "
+                         f"(take its copy); the CLI's --copies")
+    copied = {module: _combine_copy(by, dict(zip(adapters, weights)), copies) for module, by in held.items()}
+    sites = _collect(peft, adapters, config.method, skip=set(held))
+    if generator is None and config.seed is not None and sites:
         device = next(p for entries in sites.values() for e in entries.values() for p in e[0][1].parameters()).device
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    rank = _svd_rank(sites, config) if config.method in SVD_METHODS else 0
+    rank = _svd_rank(sites, config) if config.method in SVD_METHODS and sites else 0
     factors = {key: _combine_site(entries, dict(zip(adapters, weights)), config, rank, generator)
                for key, entries in sites.items()}
-    peft.add(_recipe(peft, sites, factors, adapters, weights, config), new_name)
+    peft.add(_recipe(peft, sites, factors, adapters, weights, config, copied), new_name)
     try:
-        _write(peft, new_name, factors)
+        _write(peft, new_name, factors, copied)
     except BaseException:
         peft.remove(new_name)
         raise
@@ -149,13 +171,55 @@ def _pairs(peft: Peft, name: str) -> list[tuple[PlacedRecord, Placed]]:
     return [(records[module].pop(0), placed) for module, placed in peft.delta_modules(name)]
 
 
-def _collect(peft: Peft, adapters: list[str], method: str) -> dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]]:
-    """Site → adapter → its deltas there, checked for ``method``; sites in the model's module order."""
+def _copies(peft: Peft, adapters: list[str]) -> dict[str, dict[str, ModuleCopy]]:
+    """Copied module → adapter → its copy there, in the model's module order."""
+    held: dict[str, dict[str, ModuleCopy]] = {}
+    for adapter in adapters:
+        for module, placed in peft.delta_modules(adapter):
+            if isinstance(placed.form, ModuleCopy):
+                held.setdefault(module, {})[adapter] = placed.form
+    order = {name: i for i, (name, _) in enumerate(base_named_modules(peft.model))}
+    return dict(sorted(held.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _combine_copy(by: dict[str, ModuleCopy], weights: dict[str, float], copies: str) -> dict[str, torch.Tensor]:
+    """The state of the new adapter's copy of one module, from the adapters' copies ``by`` (see ``copies``)."""
+    states = {a: {k: v.detach() for k, v in form.module.state_dict().items()} for a, form in by.items()}
+    if copies == "first":
+        return dict(states[next(iter(by))])
+    if copies != "average":
+        if copies not in by:
+            raise ValueError(f"copies={copies!r}: adapter {copies!r} holds no copy of a module that "
+                             f"{', '.join(by)} copy; choose one of those, 'first' or 'average'")
+        return dict(states[copies])
+    total = sum(weights[a] for a in by)
+    if total <= 0:
+        raise ValueError(f"copies='average' weighs the copies by the adapters' weights, which sum to {total:g} "
+                         f"over {', '.join(by)}: give positive weights, or take one copy (copies='first' or a name)")
+    first = states[next(iter(by))]
+    mean = {}
+    for key, tensor in first.items():
+        if tensor.is_floating_point():
+            mean[key] = sum(states[a][key].float() * (weights[a] / total) for a in by).to(tensor.dtype)
+        else:  # integer buffers (position ids, counters) are the same in every copy of one base module
+            mean[key] = tensor
+    return mean
+
+
+def _collect(peft: Peft, adapters: list[str], method: str,
+             skip: set[str]) -> dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]]:
+    """Site → adapter → its deltas there, checked for ``method``; sites in the model's module order. Deltas at the
+    ``skip`` modules (module copies) are left to the copies' rule; a weight delta there is refused."""
     order = {name: i for i, (name, _) in enumerate(base_named_modules(peft.model))}
     merged = set(peft.merged)
     sites: dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]] = {}
     for adapter in adapters:
         for record, placed in _pairs(peft, adapter):
+            if record.site.module in skip:
+                if not isinstance(placed.form, ModuleCopy):
+                    raise ValueError(f"cannot combine adapter '{adapter}': its {type(placed.form).__name__} at "
+                                     f"{record.site.module} sits on a module that an adapter copies whole")
+                continue
             problem = _problem(placed, method, merged=adapter in merged)
             if problem:
                 raise ValueError(f"cannot combine adapter '{adapter}' with method '{method}': its "
@@ -232,8 +296,9 @@ def _combine_site(entries: dict[str, list[tuple[PlacedRecord, Placed]]], weights
 
 def _recipe(peft: Peft, sites: dict[Key, dict[str, list[tuple[PlacedRecord, Placed]]]],
             factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], adapters: list[str], weights: list[float],
-            config: CombineConfig) -> Recipe:
-    """A LoRA recipe (α = r) placing one delta at exactly these sites: grouped by position, stack, rank, dropout."""
+            config: CombineConfig, copied: dict[str, dict[str, torch.Tensor]]) -> Recipe:
+    """A LoRA recipe (α = r) placing one delta at exactly these sites: grouped by position, stack, rank, dropout;
+    and a ``copy`` delta at each copied module."""
     groups: dict[tuple, list[PlacedRecord]] = {}
     for key, entries in sites.items():
         adapter, pairs = next(iter(entries.items()))
@@ -251,16 +316,24 @@ def _recipe(peft: Peft, sites: dict[Key, dict[str, list[tuple[PlacedRecord, Plac
             layers = sorted({r.site.layer for r in records if r.site.layer is not None})
             deltas.append(DeltaSpec(form=form, positions=(position,), layers=tuple(layers) if layers else None,
                                     stacks=(stack,) if stack else None))
+    if copied:
+        deltas.append(DeltaSpec(form=CopyConfig(), modules="|".join(re.escape(m) for m in copied),
+                                insertion="replace"))
     terms = " + ".join(f"{w:g}*{a}" for a, w in zip(adapters, weights))
     return Recipe(name=f"combined-{config.method}", family="reparameterized",
                   paper="add_weighted_adapter semantics; TIES: arXiv 2306.01708, DARE: arXiv 2311.03099",
                   description=f"{config.method} of {terms}", deltas=tuple(deltas))
 
 
-def _write(peft: Peft, name: str, factors: dict[Key, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy the combined factors into the new adapter's LoRA deltas, checking it sits exactly on those sites."""
+def _write(peft: Peft, name: str, factors: dict[Key, tuple[torch.Tensor, torch.Tensor]],
+           copied: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy the combined factors into the new adapter's LoRA deltas and the chosen copies into its module copies,
+    checking it sits exactly on those sites."""
     placed = {}
     for record, p in _pairs(peft, name):
+        if isinstance(p.form, ModuleCopy):
+            p.form.module.load_state_dict(copied[record.site.module])
+            continue
         key = (record.site.module, record.site.out_slice)
         if key in placed:
             raise RuntimeError(f"the combined adapter's recipe placed two deltas at {key[0]}")
