@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from unipeft.bench.env import cpu_model, version_of
-from unipeft.core.atomic import atomic_write_text
+from unipeft.util.atomic import atomic_write_text
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, format_table, write_json  # noqa: E402
 
 import peft  # noqa: E402
-from unipeft.core.combine import METHODS  # noqa: E402
+from unipeft.ops.combine import METHODS  # noqa: E402
 from unipeft.interop import load_hf_adapter  # noqa: E402
 from unipeft.models import load_model  # noqa: E402
 

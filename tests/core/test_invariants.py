@@ -66,6 +66,7 @@ def test_attach_leaves_outputs_unchanged(tiny, family, recipe):
 @recipes
 @cases
 def test_merged_equals_unmerged(tiny, randomize, family, recipe):
+    torch.manual_seed(0)  # the deltas' init draws from the global generator: the same values whatever ran before
     model = tiny.model(family)
     batch = tiny.batch(family)
     base = tiny.logits(model, batch)
@@ -78,7 +79,9 @@ def test_merged_equals_unmerged(tiny, randomize, family, recipe):
     if _expect_mergeable(recipe, family, peft):
         peft.merge()
         assert peft.merged == (["default"] if peft.records["default"] else [])
-        atol = 1e-5 * max(1.0, unmerged.abs().max().item())  # float32 rounding grows with the logits' size
+        # float32 rounding grows with the logits' size: W + s·ΔW rounds every weight once, and through T5's 2 x 2
+        # layers that reached 2.1e-5 of the largest logit for some draws of the deltas (rsLoRA, std 0.5)
+        atol = 5e-5 * max(1.0, unmerged.abs().max().item())
         torch.testing.assert_close(tiny.logits(model, batch), unmerged, atol=atol, rtol=0)
         peft.unmerge()
         assert peft.merged == []

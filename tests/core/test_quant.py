@@ -12,7 +12,7 @@ import torch
 
 import unipeft
 from unipeft.core.quant import is_quantized, weight_shape
-from unipeft.core.safe_merge import MergeCheckError
+from unipeft.ops.safe_merge import MergeCheckError
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

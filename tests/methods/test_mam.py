@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import unipeft
-from unipeft.core.design_space import method
+from unipeft.inspection.design_space import method
 from unipeft.core.recipe import load_recipe
 from unipeft.methods.bottleneck import BottleneckConfig
 from unipeft.methods.prefix import PrefixConfig

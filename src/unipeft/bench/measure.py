@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unipeft.core.adapted import Peft
+from unipeft.peft import Peft
 from unipeft.data import collate
 
 log = logging.getLogger(__name__)

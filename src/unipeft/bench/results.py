@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from unipeft.core.atomic import atomic_write_file
+from unipeft.util.atomic import atomic_write_file
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from unipeft.cli.merge_cmd import KINDS, head_size
-from unipeft.core.combine import METHODS
+from unipeft.ops.combine import METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unipeft.core.io import load_adapter
+    from unipeft.persist.io import load_adapter
     from unipeft.methods.module_copy import CopyConfig
     from unipeft.models import load_model
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import unipeft
 from unipeft.cli.common import UsageError
-from unipeft.core.io import CONFIG_NAME, FORMAT, read_adapter_config
+from unipeft.persist.io import read_adapter_config
+from unipeft.persist.names import CONFIG_NAME, FORMAT
 from unipeft.interop import load_hf_adapter, read_hf_adapter, save_hf_adapter
 from unipeft.models import MODEL_KINDS, load_model
 

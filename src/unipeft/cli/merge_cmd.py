@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def head_size(adapter: str) -> int | None:
     """The number of outputs of the head copy saved in an adapter, if it has one."""
-    from unipeft.core.io import read_adapter_config
+    from unipeft.persist.io import read_adapter_config
 
     for site in read_adapter_config(adapter)["sites"]:
         if site["position"] == "head" and site["base_shape"]:
@@ -35,7 +35,7 @@ def head_size(adapter: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     import unipeft
-    from unipeft.core.io import atomic_write_dir
+    from unipeft.util.atomic import atomic_write_dir
     from unipeft.models import load_model
     from unipeft.train.loop import model_kind
 

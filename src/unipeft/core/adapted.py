@@ -1,16 +1,20 @@
-"""Attaching recipes to a model: the handle that adds, activates, merges, removes and detaches named adapters.
+"""The handle: the lifecycle of a model's named adapters — add, activate, merge, unmerge, remove, detach.
 
 Attaching wraps each targeted module in place in a :class:`~unipeft.core.site.DeltaSite` and freezes every base
 weight; detaching puts the original module objects back and restores their ``requires_grad`` flags, so the model is
 exactly what it was before (its state dict is bit-for-bit the same unless an adapter was merged and unmerged).
+
+Where a delta sits (its site, the recipe spec it came from, the base weight's shape there) is kept on the placed
+delta itself (:class:`~unipeft.core.site.Placed`); the handle keeps each adapter's placed deltas in the order they
+were added. Saving, loading, combining, mixed batches and summaries are layers above the core
+(:mod:`unipeft.persist`, :mod:`unipeft.ops`, :mod:`unipeft.mixed`, :mod:`unipeft.inspection`); the public
+:class:`unipeft.Peft` is this handle plus one-line calls into them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -21,44 +25,30 @@ from unipeft.core.delta import Form, SiteShape
 from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
 from unipeft.core.quant import hold_autograd_kernels, is_quantized, release_autograd_kernels, weight_shape
-from unipeft.core.safe_merge import DEFAULT_TOLERANCE
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
 from unipeft.core.site import DeltaSite, Placed
-
-if TYPE_CHECKING:
-    from unipeft.core.manage import AdapterInfo
-    from unipeft.core.mixed import MixedBatch
-    from unipeft.core.summary import ParamSummary
 
 log = logging.getLogger(__name__)
 _HANDLE = "_unipeft_handle"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PlacedRecord:
-    """Where one delta of an adapter sits: the site, the spec it came from and the base weight's shape there."""
-
-    site: Site
-    spec_index: int
-    base_shape: tuple[int, ...]
-
-
-class Peft:
-    """A model with unipeft adapters attached. Create it with :func:`attach`; the model is modified in place.
+class Handle:
+    """A model with unipeft adapters attached: the lifecycle. Create it with :func:`unipeft.attach` (which makes the
+    public :class:`unipeft.Peft`, this plus convenience calls); the model is modified in place.
 
     Attributes:
-        model: the adapted model (the same object that was passed to :func:`attach`).
+        model: the adapted model (the same object that was passed to :func:`unipeft.attach`).
         recipes: adapter name → recipe.
         active: names of the adapters that run in ``forward``, in order.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if getattr(model, _HANDLE, None) is not None:
+        if find_handle(model) is not None:
             raise ValueError("this model already has unipeft adapters; use unipeft.handle(model) to get them")
         self.model = model
         self.recipes: dict[str, Recipe] = {}
-        self.records: dict[str, list[PlacedRecord]] = {}
+        self._placements: dict[str, list[Placed]] = {}  # adapter → its placed deltas, in the order they were added
         self.active: list[str] = []
         self._sites: dict[str, DeltaSite] = {}
         self._hooks: dict[str, RemovableHandle] = {}
@@ -69,7 +59,7 @@ class Peft:
         model.__dict__[_HANDLE] = self
 
     # ----------------------------------------------------------------------------------------------- adapters
-    def add(self, recipe: "Recipe | str", name: str = "default", **options) -> "Peft":
+    def add(self, recipe: "Recipe | str", name: str = "default", **options) -> "Handle":
         """Place the deltas of ``recipe`` as adapter ``name`` (inactive until :meth:`set_active`).
 
         Args:
@@ -85,30 +75,27 @@ class Peft:
             raise ValueError(f"adapter '{name}' already exists; existing adapters: {', '.join(self.recipes)}")
         if not name or not all(c.isalnum() or c in "_-" for c in name):
             raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-'")
-        records: list[PlacedRecord] = []
-        placements: list[tuple[str, Placed]] = []
-        for index, spec in enumerate(recipe.deltas):
-            for site in self._resolve(spec):
-                placements.append((site.module, self._build(spec, site)))
-                records.append(PlacedRecord(site=site, spec_index=index, base_shape=self._base_shape(site.module)))
+        placements = [self._build(spec, index, site) for index, spec in enumerate(recipe.deltas)
+                      for site in self._resolve(spec)]
         for index, spec in enumerate(recipe.deltas):  # forms that share parameters across sites tie them
-            spec.form.share([p.form for (_, p), r in zip(placements, records) if r.spec_index == index])
-        for (module, placed), record in zip(placements, records):
+            spec.form.share([p.form for p in placements if p.spec_index == index])
+        for placed in placements:
+            module = placed.site.module
             self._site(module).add(name, placed)
             placed.form.on_attach(self._sites[module].base)
             if isinstance(placed.form, SequenceForm):  # prefix/prompt: connect to the attention or the model's inputs
-                placed.form.bind(self.model, record.site, self._sites[module], placed)
-            if record.site.entry is not None and placed.source == "sublayer" and module not in self._hooks:
-                entry = self.model.get_submodule(record.site.entry)
+                placed.form.bind(self.model, placed.site, self._sites[module], placed)
+            if placed.site.entry is not None and placed.source == "sublayer" and module not in self._hooks:
+                entry = self.model.get_submodule(placed.site.entry)
                 self._hooks[module] = entry.register_forward_pre_hook(self._sites[module].capture, with_kwargs=True)
-        for placed in (p for _, p in placements):  # inactive until set_active, so not trainable yet
+        for placed in placements:  # inactive until set_active, so not trainable yet
             for param in placed.parameters():
                 param.requires_grad_(False)
         if recipe.train_base:
             for param in self.base_parameters():
                 param.requires_grad_(True)
         self.recipes[name] = recipe
-        self.records[name] = records
+        self._placements[name] = placements
         log.info("added adapter '%s' (%s): %d deltas", name, recipe.name, len(placements))
         return self
 
@@ -136,7 +123,7 @@ class Peft:
             self._sites[module] = site
         return self._sites[module]
 
-    def _build(self, spec: DeltaSpec, site: Site) -> Placed:
+    def _build(self, spec: DeltaSpec, spec_index: int, site: Site) -> Placed:
         base = self._original(site.module)
         insertion = spec.resolved_insertion
         try:
@@ -161,7 +148,8 @@ class Peft:
         with torch.device(device):
             form = spec.form.build(SiteShape(d_in=d_in, d_out=d_out, base=base, out_slice=site.out_slice))
             compose = build_composition(spec.composition, scale=spec.scale, learn_scale=spec.learn_scale, d_in=d_in)
-        placed = Placed(form, compose, insertion=insertion, source=source, out_slice=site.out_slice)
+        placed = Placed(form, compose, insertion=insertion, source=source, site=site, spec=spec, spec_index=spec_index,
+                        base_shape=self._base_shape(site.module))
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
         if weight is not None and is_quantized(base):  # the dtype it computes in: its own, or the model's
             dtype = getattr(base, "compute_dtype", None) or getattr(self.model, "dtype", None)
@@ -192,9 +180,9 @@ class Peft:
         self.unmerge(name)
         for module, placed in list(self._placed(name)):
             placed.form.on_detach(self._sites[module].base)
-        for module in {r.site.module for r in self.records[name]}:
+        for module in {p.site.module for p in self._placements[name]}:
             self._sites[module].remove(name)
-        del self.recipes[name], self.records[name]
+        del self.recipes[name], self._placements[name]
         self.set_active(*[a for a in self.active if a != name])
         self._drop_empty_sites()
 
@@ -210,26 +198,23 @@ class Peft:
             raise ValueError(f"unknown adapter '{name}'; existing adapters: {', '.join(self.recipes) or '(none)'}")
 
     # ------------------------------------------------------------------------------------------------ merging
-    def merge(self, *names: str, check: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-              probe: Mapping[str, Any] | torch.Tensor | None = None) -> dict[str, float]:
+    def merge(self, *names: str) -> None:
         """Fold adapters (default: the active ones) into the base weights, for zero-overhead inference.
 
         A quantized base (bitsandbytes 4/8-bit) is dequantized, summed and requantized, which rounds the merge.
-
-        Args:
-            check: compare outputs before and after on probe inputs, and undo the merge if they differ by more
-                than ``tolerance`` (see :mod:`unipeft.core.safe_merge`).
-            tolerance: the largest max-abs output difference a checked merge accepts.
-            probe: an input of the whole model (dict of keyword arguments, or a tensor) to check too; implies check.
-
-        Returns:
-            With a check: the max abs output difference per probed site (and ``"model"``); else an empty dict.
+        (:meth:`unipeft.Peft.merge` can also check the outputs and undo a merge that changed them.)
 
         Raises:
             NotImplementedError: if a delta of the adapter is not linear in the weight (nothing is changed then).
-            unipeft.core.safe_merge.MergeCheckError: (a ValueError) if a checked merge fails (it is undone).
         """
         names = names or tuple(self.active)
+        self.check_mergeable(*names)
+        for name in names:
+            for module in dict.fromkeys(p.site.module for p in self._placements[name]):
+                self._sites[module].merge(name)
+
+    def check_mergeable(self, *names: str) -> None:
+        """Raise NotImplementedError naming the deltas of these adapters that cannot be folded into the base."""
         for name in names:
             self._check(name)
             problems = sorted({f"{type(p.form).__name__} ({p.insertion}) at {m}" for m, p in self._placed(name)
@@ -238,21 +223,13 @@ class Peft:
                 raise NotImplementedError(f"adapter '{name}' cannot be merged: {'; '.join(problems[:5])}"
                                           f"{' ...' if len(problems) > 5 else ''} — these deltas are not linear in the "
                                           "base weight; keep them unmerged")
-        if check or probe is not None:
-            from unipeft.core.safe_merge import checked_merge
-
-            return checked_merge(self, list(names), tolerance=tolerance, probe=probe)
-        for name in names:
-            for module in dict.fromkeys(r.site.module for r in self.records[name]):
-                self._sites[module].merge(name)
-        return {}
 
     def unmerge(self, *names: str) -> None:
         """Undo :meth:`merge` for these adapters (default: all merged ones)."""
         merged = [n for n in self.recipes if any(n in s.merged for s in self._sites.values())]
         for name in reversed(names or merged):
             self._check(name)
-            for module in dict.fromkeys(r.site.module for r in self.records[name]):
+            for module in dict.fromkeys(p.site.module for p in self._placements[name]):
                 self._sites[module].unmerge(name)
 
     @property
@@ -261,9 +238,19 @@ class Peft:
         return [n for n in self.recipes if any(n in s.merged for s in self._sites.values())]
 
     def _placed(self, name: str) -> Iterator[tuple[str, Placed]]:
-        for module in dict.fromkeys(r.site.module for r in self.records[name]):
-            for placed in self._sites[module].adapters[name]:
+        """(module, placed) of adapter ``name``, grouped by module (first-placed module first), in placing order."""
+        by_module: dict[str, list[Placed]] = {}
+        for placed in self._placements[name]:
+            by_module.setdefault(placed.site.module, []).append(placed)
+        for module, placed_there in by_module.items():
+            for placed in placed_there:
                 yield module, placed
+
+    @property
+    def records(self) -> dict[str, list[Placed]]:
+        """Adapter name → its placed deltas in the order they were placed; each knows its ``site``, ``spec``,
+        ``spec_index`` and ``base_shape`` (a read-only view)."""
+        return {name: list(placed) for name, placed in self._placements.items()}
 
     # ----------------------------------------------------------------------------------------------- queries
     def delta_modules(self, name: str | None = None) -> Iterator[tuple[str, Placed]]:
@@ -272,16 +259,22 @@ class Peft:
             self._check(adapter)
             yield from self._placed(adapter)
 
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors, keyed ``<site module>::<index>.<parameter>``, plus the base if it trains."""
-        self._check(name)
-        state: dict[str, torch.Tensor] = {}
+    def state_prefixes(self, name: str) -> Iterator[tuple[str, Placed]]:
+        """(key prefix, placed) of adapter ``name``: the prefix ``<site module>::<index>.`` its tensors have in
+        :meth:`adapter_state_dict` (index: the delta's place among the adapter's deltas at that module)."""
         counters: dict[str, int] = {}
         for module, placed in self._placed(name):
             index = counters.get(module, 0)
             counters[module] = index + 1
+            yield f"{module}::{index}.", placed
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, keyed ``<site module>::<index>.<parameter>``, plus the base if it trains."""
+        self._check(name)
+        state: dict[str, torch.Tensor] = {}
+        for prefix, placed in self.state_prefixes(name):
             for key, tensor in placed.state_dict().items():
-                state[f"{module}::{index}.{key}"] = tensor
+                state[prefix + key] = tensor
         if self.recipes[name].train_base:
             tied = {id(v): k for k, v in reversed(self.model.state_dict(keep_vars=True).items())}
             for key, tensor in self.model.state_dict(keep_vars=True).items():
@@ -326,75 +319,11 @@ class Peft:
             module = module._modules.get(part) if module is not None else None
         return ".".join([*kept, leaf])
 
-    def summary(self) -> "ParamSummary":
-        """Parameter counts: total, trainable, % and the split per position, form and adapter."""
-        from unipeft.core.summary import summarize
-
-        return summarize(self)
-
-    def save(self, path: str, name: str | None = None) -> "Path":
-        """Save adapter ``name`` (default: the active one) to folder ``path`` (see :func:`unipeft.save_adapter`)."""
-        from unipeft.core.io import save_adapter
-
-        return save_adapter(self, path, name)
-
-    def save_pretrained(self, directory: str, adapters: "Sequence[str] | None" = None, *,
-                        format: str = "unipeft") -> "Path":
-        """Save adapters (default: the active ones) transformers-style, in unipeft's or HF peft's (``format="hf"``)
-        format; load them with :func:`unipeft.from_pretrained` (see :mod:`unipeft.core.pretrained`)."""
-        from unipeft.core.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, adapters, format=format)
-
-    # ------------------------------------------------------------------------------------------- many adapters
-    def load(self, path: str, name: str | None = None, *, activate: bool = False) -> "Peft":
-        """Load a saved adapter onto this model as adapter ``name`` (default: its saved name), next to the others;
-        inactive unless ``activate`` (then it joins the active ones). See :func:`unipeft.load_adapter`."""
-        from unipeft.core.io import load_adapter
-
-        return load_adapter(self.model, path, name, activate=activate)
-
-    def swap(self, name: str, path: str) -> None:
-        """Hot-swap: replace adapter ``name``'s weights in place from a saved adapter with the same deltas
-        (see :func:`unipeft.core.manage.swap_adapter`)."""
-        from unipeft.core.manage import swap_adapter
-
-        swap_adapter(self, name, path)
-
-    def adapters(self) -> "list[AdapterInfo]":
-        """Name, method, parameter counts, active and merged state of every adapter (see :class:`AdapterInfo`)."""
-        from unipeft.core.manage import list_adapters
-
-        return list_adapters(self)
-
-    def combine(self, adapters: "list[str]", weights: "list[float] | None" = None, *, method: str = "cat",
-                new_name: str = "combined", **options) -> "Peft":
-        """Add ``new_name``, a LoRA combining ``adapters`` (cat, linear, svd, ties, dare_*, magnitude_prune, ...;
-        see :func:`unipeft.core.combine.combine` for the methods and ``options``)."""
-        from unipeft.core.combine import combine
-
-        return combine(self, adapters, weights, method=method, new_name=new_name, **options)
-
     def deactivate(self, *names: str) -> None:
         """Stop running these adapters (default: all); the others stay active, in their order."""
         for n in names:
             self._check(n)
         self.set_active(*[a for a in self.active if names and a not in names])
-
-    def mixed_batch(self, adapter_names: "Sequence[str | None]") -> "MixedBatch":
-        """A context in which row b of every batch runs with adapter ``adapter_names[b]`` (None: the base model), in
-        one forward pass, for inference and ``generate`` (see :mod:`unipeft.core.mixed`)::
-
-            with peft.mixed_batch(["a", None, "b"]):
-                logits = model(**batch).logits
-
-        Raises:
-            ValueError: for an unknown name, a merged adapter or a delta that cannot run per row (see
-                :class:`~unipeft.core.mixed.MixedBatch`).
-        """
-        from unipeft.core.mixed import MixedBatch
-
-        return MixedBatch(self, adapter_names)
 
     # ----------------------------------------------------------------------------------------------- training
     # The forms' training contract (:class:`~unipeft.core.delta.Form`), gathered over the active adapters. Every
@@ -480,55 +409,48 @@ class Peft:
         self._held_kernels = {}
         self.model.__dict__.pop(_HANDLE, None)
         self.recipes.clear()
-        self.records.clear()
+        self._placements.clear()
         self.active = []
         return self.model
 
 
-def site_base(peft: Peft, module: str) -> nn.Module:
+def site_base(peft: Handle, module: str) -> nn.Module:
     """The original module wrapped at ``module``."""
     return peft._sites[module].base
 
 
-def handle(model: nn.Module) -> Peft:
-    """The :class:`Peft` handle of a model with adapters attached.
+def find_handle(model: nn.Module) -> Handle | None:
+    """The handle of a model with adapters attached, or None (internal; the public way is :func:`handle`)."""
+    return model.__dict__.get(_HANDLE)
+
+
+def handle(model: nn.Module) -> Handle:
+    """The handle of a model with adapters attached (a :class:`unipeft.Peft`): the one public way to find it.
 
     Raises:
         ValueError: if the model has no unipeft adapters.
     """
-    found = getattr(model, _HANDLE, None)
+    found = find_handle(model)
     if found is None:
         raise ValueError("this model has no unipeft adapters; call unipeft.attach(model, recipe) first")
     return found
 
 
-def attach(model: nn.Module, recipe: "Recipe | str" = "lora", name: str = "default", **options) -> Peft:
-    """Attach a recipe to ``model`` in place, freeze the base, and make it the active adapter.
+_HANDLE_TYPES: list[type[Handle]] = [Handle]
 
-    Two lines to adapt a model::
 
-        peft = unipeft.attach(model, "lora", r=16)
-        peft.summary()
+def use_handle_type(cls: type[Handle]) -> type[Handle]:
+    """Make new handles instances of ``cls`` (a subclass of :class:`Handle`); :mod:`unipeft.peft` registers the
+    public :class:`unipeft.Peft` this way, so that handles made by any layer have its convenience calls."""
+    if not (isinstance(cls, type) and issubclass(cls, Handle)):
+        raise TypeError(f"a handle type must subclass Handle, got {cls!r}")
+    _HANDLE_TYPES.append(cls)
+    return cls
 
-    Args:
-        model: any ``nn.Module`` (transformers models get canonical positions; others use module patterns).
-        recipe: a Recipe, a built-in recipe name (see ``unipeft methods``) or a YAML/JSON file.
-        name: the adapter's name.
-        **options: hyperparameter overrides for the recipe's deltas.
 
-    Returns:
-        The model's :class:`Peft` handle (created on the first call).
+def new_handle(model: nn.Module) -> Handle:
+    """A new handle on ``model`` (of the registered handle type)."""
+    return _HANDLE_TYPES[-1](model)
 
-    Raises:
-        ValueError: as :meth:`Peft.add`; if this was the first attach, the model is left as it was.
-    """
-    existing = getattr(model, _HANDLE, None)
-    peft = existing or Peft(model)
-    try:
-        peft.add(recipe, name, **options)
-    except BaseException:
-        if existing is None:  # a failed first attach leaves the model as it was (not frozen, no handle)
-            peft.detach()
-        raise
-    peft.set_active(name)
-    return peft
+
+__all__ = ["Handle", "handle", "find_handle", "new_handle", "use_handle_type", "site_base"]

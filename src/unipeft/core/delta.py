@@ -149,8 +149,7 @@ def register_form(name: str) -> Callable[[C], C]:
 
 
 def form_names() -> list[str]:
-    """Names of all registered forms."""
-    _load_methods()
+    """Names of all registered forms (``import unipeft`` registers the built-in ones)."""
     return sorted(_FORMS)
 
 
@@ -162,7 +161,6 @@ def form_config(data: Mapping[str, Any] | FormConfig) -> FormConfig:
     """
     if isinstance(data, FormConfig):
         return data
-    _load_methods()
     data = dict(data)
     name = data.pop("type", None)
     if name not in _FORMS:
@@ -176,7 +174,3 @@ def form_config(data: Mapping[str, Any] | FormConfig) -> FormConfig:
         if f.name in data and isinstance(data[f.name], list):
             data[f.name] = tuple(data[f.name])
     return cls(**data)
-
-
-def _load_methods() -> None:
-    import unipeft.methods  # noqa: F401  (importing the package registers every form)

@@ -18,7 +18,6 @@ Example (He et al.'s scaled parallel adapter at the FFN)::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -29,6 +28,7 @@ import yaml
 from unipeft.core.compose import COMPOSITIONS
 from unipeft.core.delta import FormConfig, form_config
 from unipeft.core.site import INSERTIONS
+from unipeft.util.files import read_mapping
 
 Family = Literal["additive", "selective", "reparameterized", "hybrid", "unified", "full"]
 FAMILIES: tuple[str, ...] = ("additive", "selective", "reparameterized", "hybrid", "unified", "full")
@@ -213,12 +213,7 @@ def load_recipe(source: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
         return Recipe.from_dict(source)
     text = str(source)
     if text.endswith((".yaml", ".yml", ".json")):
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file {path} does not exist")
-        raw = path.read_text(encoding="utf-8")
-        data = json.loads(raw) if text.endswith(".json") else yaml.safe_load(raw)
-        return Recipe.from_dict(data)
+        return Recipe.from_dict(read_mapping(text, what="recipe file"))
     names = builtin_recipe_names()
     if text not in names:
         raise ValueError(f"unknown method {text!r}; built-in recipes: {', '.join(names)} "

@@ -14,7 +14,7 @@ its output, Δ(·) a form and g a composition:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from torch import nn
@@ -23,16 +23,24 @@ from unipeft.core.delta import Form
 from unipeft.core.modules import weight_out_in
 from unipeft.core.quant import QuantizedOriginal, is_quantized, refold_quantized
 
+if TYPE_CHECKING:
+    from unipeft.core.positions import Site
+    from unipeft.core.recipe import DeltaSpec
+
 Insertion = Literal["parallel", "sequential", "multiplicative", "multiplicative_input", "replace", "sequence"]
 INSERTIONS: tuple[str, ...] = ("parallel", "sequential", "multiplicative", "multiplicative_input", "replace",
                                "sequence")
 
 
 class Placed(nn.Module):
-    """One form placed at one site with an insertion form, a composition and an optional output slice."""
+    """One form placed at one site with an insertion form, a composition and an optional output slice — and where it
+    sits, the one record of it: ``site`` (module, position, layer, stack, output slice), the recipe ``spec`` it came
+    from and its index ``spec_index``, and ``base_shape``, the base weight's shape there (what a saved adapter checks).
+    """
 
     def __init__(self, form: Form, compose: nn.Module, *, insertion: Insertion, source: Literal["module", "sublayer"],
-                 out_slice: tuple[int, int] | None) -> None:
+                 site: "Site | None" = None, spec: "DeltaSpec | None" = None, spec_index: int = 0,
+                 base_shape: tuple[int, ...] = (), out_slice: tuple[int, int] | None = None) -> None:
         super().__init__()
         if insertion not in INSERTIONS:
             raise ValueError(f"unknown insertion {insertion!r}; valid: {', '.join(INSERTIONS)}")
@@ -40,7 +48,11 @@ class Placed(nn.Module):
         self.compose = compose
         self.insertion = insertion
         self.source = source
-        self.out_slice = out_slice
+        self.site = site
+        self.spec = spec
+        self.spec_index = spec_index
+        self.base_shape = tuple(base_shape)
+        self.out_slice = site.out_slice if site is not None else out_slice  # a placement made outside a handle
         self.apply_delta: Callable[[Placed, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = \
             _INSERT[insertion]
 
@@ -157,7 +169,7 @@ class DeltaSite(nn.Module):
         self._replace: Placed | None = None
         #: running sequence-level deltas (prefix, prompt): read by unipeft.core.seq, not run in forward
         self.sequence: list[Placed] = []
-        #: while a mixed batch runs (unipeft.core.mixed): the per-row plan that forward calls instead
+        #: while a mixed batch runs (unipeft.mixed): the per-row plan that forward calls instead
         self.mixed: Callable[..., object] | None = None
 
     # Some model code reads a projection's weight directly (T5 checks ``wo.weight.dtype``); expose the base's.

@@ -34,10 +34,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from unipeft.core.adapted import Peft, handle
+from unipeft.core.adapted import handle
+from unipeft.peft import Peft
 from unipeft.core.delta import PREPARE_BATCHES
-from unipeft.core.io import CONFIG_NAME
-from unipeft.core.pretrained import INDEX_NAME
+from unipeft.persist.names import CONFIG_NAME, INDEX_NAME
 
 log = logging.getLogger(__name__)
 _PEFT_FLAG = "_hf_peft_config_loaded"

@@ -28,12 +28,21 @@ METADATA_FIELDS = frozenset({"peft_type", "task_type", "auto_mapping", "peft_ver
 
 @dataclass(frozen=True, eq=False)
 class Placement:
-    """One placed delta of an adapter: where it sits, the spec it came from, the form module and the base module."""
+    """One placed delta of an adapter with the base module it sits on (a view: where it sits and the spec it came
+    from are the placed delta's own ``site`` and ``spec``)."""
 
-    site: Site
-    spec: DeltaSpec
     placed: Placed
     base: nn.Module
+
+    @property
+    def site(self) -> Site:
+        """Where the delta sits."""
+        return self.placed.site
+
+    @property
+    def spec(self) -> DeltaSpec:
+        """The recipe spec the delta came from."""
+        return self.placed.spec
 
     @property
     def module(self) -> str:

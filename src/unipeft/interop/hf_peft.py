@@ -24,8 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unipeft.core.adapted import _HANDLE, Peft, site_base
-from unipeft.core.io import atomic_write_dir
+from unipeft.core.adapted import Handle, site_base
+from unipeft.core.transaction import adding
+from unipeft.persist.io import read_folder_config
+from unipeft.persist.names import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+from unipeft.util.atomic import atomic_write_dir
 from unipeft.core.recipe import Recipe
 from unipeft.interop.hf_extras import (bias_specs, copy_specs, export_bias, export_copies, load_bias, load_copy)
 from unipeft.interop.hf_match import in_modules_to_save
@@ -33,8 +36,6 @@ from unipeft.interop.hf_method import HFMethod, Placement, TensorPool, hf_method
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 #: Prefixes of HF peft's tensor keys: module tensors of tuner methods (PeftModel → tuner → transformers model), and
 #: tensors of the tuner itself (VeRA's shared projections) or, for prompt learning, of the transformers model.
@@ -81,16 +82,9 @@ def read_hf_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         ValueError: for a config that is not an HF peft config, a pickle-only adapter or an unreadable file.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    config = read_folder_config(folder, kind="HF peft adapter")
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it an HF peft adapter folder?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from err
-    if config.get("format") == "unipeft-adapter":
+    if config.get("format") == FORMAT:
         raise ValueError(f"{folder} is a unipeft adapter, not an HF peft one; load it with unipeft.load_adapter")
     if "peft_type" not in config:
         raise ValueError(f"{config_path} has no peft_type: it is not an HF peft adapter config")
@@ -132,25 +126,13 @@ def hf_config_to_recipe(config: Mapping[str, Any], model: nn.Module) -> Recipe:
                   description=f"converted from a Hugging Face peft {peft_type} adapter", deltas=tuple(specs))
 
 
-def adapter_placements(peft: Peft, name: str) -> list[Placement]:
-    """Every placed delta of adapter ``name`` with its site and spec, in the order the adapter was added."""
-    placed_at: dict[str, list] = {}
-    for module, placed in peft.delta_modules(name):
-        placed_at.setdefault(module, []).append(placed)
-    seen: dict[str, int] = {}
-    recipe = peft.recipes[name]
-    out = []
-    for record in peft.records[name]:
-        module = record.site.module
-        index = seen.get(module, 0)
-        seen[module] = index + 1
-        out.append(Placement(site=record.site, spec=recipe.deltas[record.spec_index], placed=placed_at[module][index],
-                             base=site_base(peft, module)))
-    return out
+def adapter_placements(peft: Handle, name: str) -> list[Placement]:
+    """Every placed delta of adapter ``name`` with its base module, in the order the adapter was added."""
+    return [Placement(placed=placed, base=site_base(peft, placed.site.module)) for placed in peft.records[name]]
 
 
 def load_hf_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
-                    activate: bool = True) -> Peft:
+                    activate: bool = True) -> Handle:
     """Load an adapter saved by HF peft onto ``model`` (attaching unipeft if needed) as adapter ``name``.
 
     Args:
@@ -169,10 +151,8 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
     method = method_for_peft_type(config["peft_type"])
     targets = [] if method.prompt_learning else method.targets(config, model)
     name = name or "default"
-    existing = getattr(model, _HANDLE, None)
-    existing_names = set(existing.recipes) if existing is not None else set()
-    peft = existing or Peft(model)
-    try:
+    with adding(model) as tx:
+        peft = tx.handle
         peft.add(recipe, name)
         pool = TensorPool(tensors, str(Path(path) / WEIGHTS_NAME), config)
         placements = adapter_placements(peft, name)
@@ -189,19 +169,13 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, name: str | None 
         if left:
             raise ValueError(f"{pool.source} holds tensors that nothing in this {config['peft_type']} conversion "
                              f"reads: {left[:5]}{' ...' if len(left) > 5 else ''}")
-    except BaseException:
-        if name in peft.recipes and name not in existing_names:  # never remove an adapter that was there before
-            peft.remove(name)
-        if existing is None:
-            peft.detach()
-        raise
     if activate:
         peft.set_active(*[a for a in peft.active if a != name], name)
     log.info("loaded HF peft %s adapter %s as '%s'", config["peft_type"], path, name)
     return peft
 
 
-def _take_unchanged_base(pool: TensorPool, peft: Peft) -> None:
+def _take_unchanged_base(pool: TensorPool, peft: Handle) -> None:
     """Accept base weights HF saved alongside (``save_embedding_layers``) if they equal the model's; refuse others."""
     base = peft.base_state_dict()
     for key in pool.left():
@@ -246,7 +220,7 @@ def _method_of(recipe: Recipe) -> HFMethod:
     return next(iter(found.values()))
 
 
-def export_hf_adapter(peft: Peft, name: str, recipe: Recipe | None = None) -> tuple[dict[str, Any],
+def export_hf_adapter(peft: Handle, name: str, recipe: Recipe | None = None) -> tuple[dict[str, Any],
                                                                                     dict[str, torch.Tensor]]:
     """The HF config and tensors (keys as HF saves them) of adapter ``name``.
 
@@ -284,7 +258,7 @@ def export_hf_adapter(peft: Peft, name: str, recipe: Recipe | None = None) -> tu
     return config, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def recipe_to_hf_config(recipe: Recipe, peft: Peft, name: str) -> dict[str, Any]:
+def recipe_to_hf_config(recipe: Recipe, peft: Handle, name: str) -> dict[str, Any]:
     """The HF ``adapter_config.json`` content for adapter ``name`` of ``peft`` (built from ``recipe``).
 
     Raises:
@@ -293,7 +267,7 @@ def recipe_to_hf_config(recipe: Recipe, peft: Peft, name: str) -> dict[str, Any]
     return export_hf_adapter(peft, name, recipe)[0]
 
 
-def save_hf_adapter(peft: Peft, path: str | os.PathLike, name: str | None = None) -> Path:
+def save_hf_adapter(peft: Handle, path: str | os.PathLike, name: str | None = None) -> Path:
     """Save adapter ``name`` (default: the only active one) as an HF peft adapter folder, atomically.
 
     ``PeftModel.from_pretrained(base_model, path)`` then computes the same outputs as unipeft.

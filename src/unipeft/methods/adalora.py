@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import LowRank
+from unipeft.core.factors import LowRank
 
 if TYPE_CHECKING:
-    from unipeft.core.adapted import Peft
+    from unipeft.core.adapted import Handle
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class AdaLoRA(Form):
         return F.linear(F.linear(self.dropout(x), self.lora_A * self.lora_E), self.lora_B) * self.scaling
 
     def mixed_factors(self) -> LowRank:
-        """Δ = (s·P)(diag(E) Q) x, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """Δ = (s·P)(diag(E) Q) x, for mixed batches (see :mod:`unipeft.mixed`)."""
         return LowRank(A=self.lora_A * self.lora_E, B=self.lora_B, scale=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
@@ -292,7 +292,7 @@ class RankAllocator:
         log.debug("AdaLoRA budget %d of %d triplets: ranks %s", budget, initial, [s.rank for s in sites])
 
 
-def adalora_orth_loss(peft: "Peft", name: str | None = None) -> torch.Tensor:
+def adalora_orth_loss(peft: "Handle", name: str | None = None) -> torch.Tensor:
     """AdaLoRA's orthogonality regulariser of adapter ``name`` (default: the active ones): the sum of its sites'
     :meth:`AdaLoRA.loss_term`, orth_reg_weight × the mean over its P and Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F (HF
     peft adds the same term to ``outputs.loss`` in ``AdaLoraModel.forward``). Training loops add

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import Affine
+from unipeft.core.factors import Affine
 
 
 @register_form("bias")
@@ -37,7 +37,7 @@ class BiasDelta(Form):
         return self.bias
 
     def mixed_factors(self) -> Affine:
-        """Δ = Δb, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """Δ = Δb, for mixed batches (see :mod:`unipeft.mixed`)."""
         return Affine(shift=self.bias)
 
     def merge_problem(self, base: nn.Module) -> str | None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import MLP
+from unipeft.core.factors import MLP
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -88,6 +88,6 @@ class Bottleneck(Form):
         return self.up(self.act(self.down(z)))  # (B, T, d_out)
 
     def mixed_factors(self) -> MLP:
-        """W_down, b_down, W_up, b_up and the activation, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """W_down, b_down, W_up, b_up and the activation, for mixed batches (see :mod:`unipeft.mixed`)."""
         return MLP(down_weight=self.down.weight, down_bias=self.down.bias, up_weight=self.up.weight,
                    up_bias=self.up.bias, activation=self.act)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import LowRank
+from unipeft.core.factors import LowRank
 from unipeft.methods.lora_init import site_weight
 
 

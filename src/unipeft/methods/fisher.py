@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from unipeft.core.adapted import Peft
+from unipeft.core.adapted import Handle
 from unipeft.core.modules import is_conv1d
 from unipeft.core.positions import resolve_positions
 from unipeft.core.site import base_named_modules
@@ -116,7 +116,7 @@ def global_top_k(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     return [chosen[cuts[i]:cuts[i + 1]] - starts[i] for i in range(len(scores))]
 
 
-def compute_fisher_mask(peft_or_model: Peft | nn.Module, batches: Iterable[Any],
+def compute_fisher_mask(peft_or_model: Handle | nn.Module, batches: Iterable[Any],
                         positions: Sequence[str] | None = None, k: float | int = 0.005, *,
                         layers: Sequence[int] | None = None,
                         stacks: Sequence[str] | None = None, loss_fn: LossFn = model_loss) -> dict[str, torch.Tensor]:
@@ -137,7 +137,7 @@ def compute_fisher_mask(peft_or_model: Peft | nn.Module, batches: Iterable[Any],
     Raises:
         ValueError: for an unknown position, a non-linear site, a bad k, or no batches.
     """
-    model = peft_or_model.model if isinstance(peft_or_model, Peft) else peft_or_model
+    model = peft_or_model.model if isinstance(peft_or_model, Handle) else peft_or_model
     sites = resolve_positions(model, positions or DEFAULT_POSITIONS, layers=layers, stacks=stacks)
     modules = dict(base_named_modules(model))
     targets = [(modules[s.module], s.out_slice) for s in sites]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import Scale
+from unipeft.core.factors import Scale
 
 
 @register_form("ia3")
@@ -41,7 +41,7 @@ class IA3(Form):
         return self.ia3_l
 
     def mixed_factors(self) -> Scale:
-        """The scaling vector l, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """The scaling vector l, for mixed batches (see :mod:`unipeft.mixed`)."""
         return Scale(vector=self.ia3_l)
 
     def merge_(self, weight: torch.Tensor, bias: torch.Tensor | None, *, insertion: str, scale: float,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import LowRank
+from unipeft.core.factors import LowRank
 from unipeft.methods.lora_init import BASE_INITS, BaseRewrite, site_weight
 
 
@@ -89,7 +89,7 @@ class LoRA(Form):
         return F.linear(F.linear(self.dropout(x), self.lora_A) * self.scaling, self.lora_B)  # (B, T, d_out)
 
     def mixed_factors(self) -> LowRank:
-        """Δ = (α/r)·B A, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """Δ = (α/r)·B A, for mixed batches (see :mod:`unipeft.mixed`)."""
         return LowRank(A=self.lora_A, B=self.lora_B, scale=self.scaling, embedding=self.embedding)
 
     def delta_weight(self) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipeft.core.adapted import Peft
+from unipeft.core.adapted import Handle
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
 from unipeft.methods.fisher import LossFn, budget, compute_fisher_mask, fisher_scores, global_top_k, model_loss
 
@@ -251,7 +251,7 @@ class SparseGroup:
 
 
 # ----------------------------------------------------------------------------------------------- on request
-def _groups(peft: Peft, kind: type[FormConfig], name: str | None) -> list[tuple[SparseGroup, list[str]]]:
+def _groups(peft: Handle, kind: type[FormConfig], name: str | None) -> list[tuple[SparseGroup, list[str]]]:
     """The sparse groups of this kind (per adapter and delta spec), each with its forms' site modules."""
     found: dict[int, tuple[SparseGroup, list[str]]] = {}
     for adapter in [name] if name else list(peft.recipes):
@@ -262,12 +262,12 @@ def _groups(peft: Peft, kind: type[FormConfig], name: str | None) -> list[tuple[
     return list(found.values())
 
 
-def needs_prepare(peft: Peft) -> bool:
+def needs_prepare(peft: Handle) -> bool:
     """Whether some FishMask delta still holds its random placeholder mask."""
     return any(f.chosen == "random" for group, _ in _groups(peft, FishMaskConfig, None) for f in group.forms)
 
 
-def prepare(peft: Peft, batches: Iterable[Any], *, name: str | None = None,
+def prepare(peft: Handle, batches: Iterable[Any], *, name: str | None = None,
             loss_fn: LossFn = model_loss) -> dict[str, int]:
     """FishMask deltas (of adapter ``name``, default all, active or not) choose their k entries by the empirical
     Fisher information now — what ``peft.prepare(batches)`` does for the active adapters in a training loop.
@@ -292,7 +292,7 @@ def prepare(peft: Peft, batches: Iterable[Any], *, name: str | None = None,
     return chosen
 
 
-def prune(peft: Peft, *, name: str | None = None) -> bool:
+def prune(peft: Handle, *, name: str | None = None) -> bool:
     """Diff pruning now: keep the k entries of largest |δ| of every still-dense diff (global per delta spec), as
     ``peft.on_step`` does at ``prune_at`` of training.
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import Affine
+from unipeft.core.factors import Affine
 
 
 @register_form("ssf")
@@ -63,7 +63,7 @@ class SSF(Form):
         return delta + self.shift if self.shift is not None else delta
 
     def mixed_factors(self) -> Affine:
-        """Δ(h) = (γ − 1) ⊙ h + β, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """Δ(h) = (γ − 1) ⊙ h + β, for mixed batches (see :mod:`unipeft.mixed`)."""
         return Affine(gain=self.scale - 1.0, shift=self.shift)
 
     @property

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.core.delta import Form, FormConfig, SiteShape, register_form
-from unipeft.core.mixed.factors import LowRank
+from unipeft.core.factors import LowRank
 
 #: (seed, r, d_in, d_out, device, "A"/"B") -> the shared frozen matrix, alive while some site holds it.
 _SHARED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -101,7 +101,7 @@ class VeRA(Form):
         return self.vera_lambda_b * F.linear(hidden, self.vera_B.to(x.dtype))  # (B, T, d_out)
 
     def mixed_factors(self) -> LowRank:
-        """Δ = (diag(b) B)(diag(d) A) x, for mixed batches (see :mod:`unipeft.core.mixed`)."""
+        """Δ = (diag(b) B)(diag(d) A) x, for mixed batches (see :mod:`unipeft.mixed`)."""
         return LowRank(A=self.vera_lambda_d[:, None] * self.vera_A, B=self.vera_lambda_b[:, None] * self.vera_B)
 
     def delta_weight(self) -> torch.Tensor:

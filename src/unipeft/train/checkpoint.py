@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import unipeft
-from unipeft.core.adapted import Peft
-from unipeft.core.io import atomic_write_dir
+from unipeft.peft import Peft
+from unipeft.util.atomic import atomic_write_dir
 
 STATE_NAME = "state.json"
 TENSORS_NAME = "optimizer.safetensors"

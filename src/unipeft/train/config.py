@@ -19,12 +19,12 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 
 from unipeft.core.recipe import builtin_recipe_names
+from unipeft.util.files import read_mapping
 from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
 
@@ -290,16 +290,7 @@ def load_train_config(path: str | os.PathLike[str] | None, overrides: list[str] 
     """
     data: dict[str, Any] = {}
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"config file {str(file)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"{file} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{file} must hold a mapping of config keys, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_mapping(path, what="config file")
     for override in overrides:
         apply_override(data, override)
     return train_config_from_dict(data)

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import unipeft
-from unipeft.core.adapted import Peft
+from unipeft.peft import Peft
 from unipeft.core.delta import PREPARE_BATCHES
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
 from unipeft.data import TaskSpec, collate, encode, load_rows

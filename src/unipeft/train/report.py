@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unipeft.core.atomic import atomic_write_file
+from unipeft.util.atomic import atomic_write_file
 
 
 def peak_rss_mib() -> float:

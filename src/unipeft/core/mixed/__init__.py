@@ -1,6 +1,0 @@
-"""Mixed batches: one forward pass in which every row uses its own adapter (see :mod:`unipeft.core.mixed.batch`)."""
-
-from unipeft.core.mixed.batch import SUPPORTED_FORMS, MixedBatch, mixed_batch
-from unipeft.core.mixed.factors import MLP, Affine, Batchable, Factors, LowRank, Scale
-
-__all__ = ["MixedBatch", "mixed_batch", "SUPPORTED_FORMS", "Batchable", "Factors", "LowRank", "Affine", "Scale", "MLP"]

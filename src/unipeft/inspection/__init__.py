@@ -1,0 +1,1 @@
+"""Inspection: parameter summaries, adapter listings and He et al.'s design-space table."""

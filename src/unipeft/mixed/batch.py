@@ -1,0 +1,170 @@
+"""Mixed batches: one forward pass in which each row of the batch uses its own adapter (or none), for inference.
+
+    with peft.mixed_batch(["support", "legal", None, "support"]):
+        logits = model(**batch).logits           # row 0 and 3 with adapter "support", row 2 with the base
+        tokens = model.generate(**batch)         # the assignment holds for every decoding step
+
+As Punica's BGMV (Chen et al. 2023, arXiv 2310.18547) and S-LoRA (Sheng et al. 2023, arXiv 2311.03285): the base
+model runs once on the whole batch, and at each site the deltas of all the batch's adapters are stacked and gathered
+per row, so the extra cost is one batched low-rank product per site whatever the number of adapters (for LoRA,
+Δ_b = s_a B_a A_a x_b with a = a_b; see :mod:`unipeft.mixed.groups`). Row b's output equals the output of the
+model run on that row alone with only a_b active (``peft.set_active(a_b)``, or ``peft.set_active()`` for None).
+
+Supported: forms that implement :class:`~unipeft.core.factors.Batchable` (LoRA and its variants rsLoRA, PiSSA,
+OLoRA, DoRA, VeRA, AdaLoRA; (IA)³; BitFit; SSF; bottleneck, parallel and scaled parallel adapters), composed with
+``add`` or ``scaled``, and module copies (``replace``, e.g. classification heads; run once per adapter on its rows).
+Refused with an error: sequence-level forms (prefix, prompt), gated compositions, other forms, merged adapters, a
+model in training mode. The stacks are built once per site and reused while the adapters do not change (see
+:mod:`unipeft.mixed.stacks`: adding, removing, training or swapping an adapter rebuilds them); they are copies,
+so no gradient reaches the adapters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from unipeft.mixed.plan import SitePlan, Step
+from unipeft.mixed.stacks import SiteStacks, site_stacks
+
+if TYPE_CHECKING:
+    from unipeft.core.adapted import Handle
+    from unipeft.core.site import DeltaSite
+
+#: Forms that run in mixed batches (their Form classes implement ``mixed_factors``), and module copies.
+SUPPORTED_FORMS: tuple[str, ...] = ("lora", "dora", "vera", "adalora", "ia3", "bias", "ssf", "bottleneck", "copy")
+
+
+class MixedBatch:
+    """Context manager that runs the model of ``peft`` with one adapter per row (see the module docstring).
+
+    Creating it validates the names and brings the sites' stacks up to date; entering the ``with`` block gathers the
+    stacks for the rows and routes the sites through them; leaving it restores the active adapters.
+
+    Args:
+        peft: the adapted model's handle.
+        adapter_names: one entry per row of the batches run inside the block: an adapter name, or None for the
+            base model.
+
+    Raises:
+        ValueError: for an empty list, an unknown name (the message lists the loaded adapters), a merged adapter, or
+            an adapter with a delta that cannot run in a mixed batch (the message names the form, where it is, and the
+            supported forms); on entering, for a model in training mode. Inside the block, a batch whose size is not
+            ``len(adapter_names)`` raises ValueError.
+    """
+
+    def __init__(self, peft: "Handle", adapter_names: Sequence[str | None]) -> None:
+        names = list(adapter_names)
+        if not names:
+            raise ValueError("a mixed batch needs one adapter name (or None) per row; got an empty list")
+        for n in names:
+            if n is not None and n not in peft.recipes:
+                raise ValueError(f"unknown adapter {n!r} in the mixed batch; loaded adapters: "
+                                 f"{', '.join(peft.recipes) or '(none)'} (None runs the base model)")
+        if peft.merged:
+            raise ValueError(f"adapters {', '.join(peft.merged)} are merged into the base weights, so every row would "
+                             "get them; unmerge them (peft.unmerge()) before running a mixed batch")
+        self.peft = peft
+        self.names = names
+        self.adapters = [n for n in dict.fromkeys(names) if n is not None]
+        self._stacks: dict[str, SiteStacks] = {module: site_stacks(site, self.adapters)
+                                               for module, site in peft._sites.items()
+                                               if any(a in site.adapters for a in self.adapters)}
+        _refuse(self._stacks, self.adapters)
+        self._plans: dict[str, SitePlan] = {}
+
+    def __enter__(self) -> "MixedBatch":
+        peft = self.peft
+        if peft.model.training:
+            raise ValueError("mixed batches are for inference (dropout is not applied per row); call model.eval()")
+        if any(site.mixed is not None for site in peft._sites.values()):
+            raise RuntimeError("a mixed batch is already running on this model; mixed batches do not nest")
+        with torch.no_grad():
+            for module, stacks in self._stacks.items():
+                site = peft._sites[module]
+                if not stacks.current(site, self.adapters):  # changed since the handle was made: bring them up to date
+                    stacks = self._stacks[module] = site_stacks(site, self.adapters)
+                    _refuse({module: stacks}, self.adapters)
+            index = self._slot_tensors()
+            self._plans = {module: self._plan(module, peft._sites[module], stacks, index)
+                           for module, stacks in self._stacks.items()}
+        for site in peft._sites.values():  # nothing of the active adapters runs (prefixes, prompts included)
+            site.set_active([])
+        for module, plan in self._plans.items():
+            peft._sites[module].mixed = plan
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for site in self.peft._sites.values():
+            site.mixed = None
+            site.set_active(self.peft.active)
+        self._plans = {}
+
+    def _plan(self, module: str, site: "DeltaSite", stacks: SiteStacks,
+              index: dict[tuple[int, ...], torch.Tensor]) -> SitePlan:
+        plan = SitePlan(site=site, name=module, rows=len(self.names))
+        device = next((t.device for t in site.base.parameters()), torch.device("cpu"))
+        for adapter, copy in stacks.replace.items():
+            rows = [i for i, n in enumerate(self.names) if n == adapter]
+            if rows:
+                plan.replace.append((copy, torch.tensor(rows, dtype=torch.long, device=device)))
+        plan.base_rows = any(n not in stacks.replace for n in self.names)
+        for stage in stacks.stages:
+            slots = tuple(stage.slot_of.get(n, 0) for n in self.names)  # type: ignore[arg-type]
+            if not any(slots):
+                continue  # no row's adapter has this delta
+            bound = stage.group.bind(slots, index.get(slots))
+            if stage.insertion == "multiplicative_input":
+                plan.pre.append(bound)
+            else:
+                plan.post.append(Step(group=bound, insertion=stage.insertion, source=stage.source,  # type: ignore
+                                      out_slice=stage.out_slice))
+        return plan
+
+    def _slot_tensors(self) -> dict[tuple[int, ...], torch.Tensor]:
+        """Every distinct slot list of the batch's groups as a tensor on the stacks' device, in one host-to-device
+        copy (the lists repeat: usually every site of one kind has the same one)."""
+        lists = {tuple(stage.slot_of.get(n, 0) for n in self.names): stage.group.device  # type: ignore[arg-type]
+                 for stacks in self._stacks.values() for stage in stacks.stages}
+        out: dict[tuple[int, ...], torch.Tensor] = {}
+        for device in set(lists.values()):
+            keys = [k for k, d in lists.items() if d == device]
+            table = torch.tensor(keys, dtype=torch.long).to(device)  # (lists, B)
+            out.update(zip(keys, table.unbind(0)))
+        return out
+
+
+def _refuse(stacks: dict[str, SiteStacks], adapters: list[str]) -> None:
+    """Raise if a delta of one of ``adapters`` cannot run per row (at any of these sites).
+
+    Raises:
+        ValueError: naming each refused form and insertion, where it is (first site and how many more) and why,
+            and the supported forms.
+    """
+    where: dict[tuple[str, str, str, str], list[str]] = {}  # (adapter, form, insertion, reason) -> modules
+    for module, site_stack in stacks.items():
+        for adapter in adapters:
+            for form, insertion, reason in site_stack.refused.get(adapter, ()):
+                where.setdefault((adapter, form, insertion, reason), []).append(module)
+    if not where:
+        return
+    problems = []
+    for (adapter, form, insertion, reason), modules in where.items():
+        more = f" and {len(modules) - 1} more" if len(modules) > 1 else ""
+        problems.append(f"{form} ({insertion}) of '{adapter}' at {modules[0]}{more}: {reason}")
+    raise ValueError(f"these deltas cannot run in a mixed batch: {'; '.join(problems[:5])}"
+                     f"{' ...' if len(problems) > 5 else ''}. Supported forms: {', '.join(SUPPORTED_FORMS)} "
+                     "(insertions parallel, sequential, multiplicative, multiplicative_input, replace; "
+                     "compositions add, scaled)")
+
+
+def mixed_batch(peft: "Handle", adapter_names: Sequence[str | None]) -> MixedBatch:
+    """``with mixed_batch(peft, names): model(**batch)``: row b runs with adapter ``names[b]`` (None: the base).
+
+    See :class:`MixedBatch` for what is supported and what raises.
+    """
+    return MixedBatch(peft, adapter_names)
+
+
+__all__ = ["MixedBatch", "mixed_batch", "SUPPORTED_FORMS"]

@@ -1,0 +1,1 @@
+"""Operations on adapters built on the core handle: checked merging and combination (TIES, DARE, SVD, ...)."""

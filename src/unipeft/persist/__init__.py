@@ -1,0 +1,1 @@
+"""Persistence: unipeft's adapter folders (safetensors + JSON, written atomically, checked on load)."""
