@@ -131,7 +131,7 @@ def test_other_forms_combine_by_svd_only(tiny, randomize):
     peft.add("lora", "l")
     randomize(peft)
     with pytest.raises(ValueError, match=r"cannot combine adapter 'h' with method 'cat': its LoHa at "
-                                         r"model\.layers\.0\.self_attn\.q_proj has no LoRA factors A, B; factor methods"):
+                                         r"model\.layers\.0\.self_attn\.q_proj has no low-rank factors A, B .*; factor methods"):
         peft.combine(["h", "l"], method="cat")
     batch = tiny.batch("llama")
     # rank 32 ≥ min(d_out, d_in) at every site: the truncated SVD reproduces h + 2·l exactly
@@ -268,3 +268,18 @@ def test_average_of_copies_needs_positive_weights(heads):
     with pytest.raises(ValueError, match="sum to 0 over a, b"):
         peft.combine(["a", "b"], [1.0, -1.0], method="cat", copies="average")
     peft.combine(["a", "b"], [1.0, -1.0], method="cat", copies="a", new_name="diff")  # task negation, a's head
+
+
+@pytest.mark.parametrize("other", ["adalora", "vera"])
+def test_low_rank_forms_combine_by_the_factor_methods(tiny, randomize, other):
+    """AdaLoRA (P·diag(E)·Q) and VeRA ((diag(b)B)(diag(d)A)) give their Δ as LowRank factors, so ``cat`` combines
+    them with LoRA exactly, by the same code."""
+    base = tiny.model("llama")
+    peft = unipeft.attach(copy.deepcopy(base), other, name="o")
+    peft.add("lora", "l")
+    randomize(peft)
+    batch = tiny.batch("llama")
+    peft.combine(["o", "l"], [0.5, 2.0], method="cat", new_name="m")
+    peft.set_active("m")
+    expected = tiny.logits(_by_hand(base, peft, {"o": 0.5, "l": 2.0}), batch)
+    torch.testing.assert_close(tiny.logits(peft.model, batch), expected, atol=1e-5, rtol=0)

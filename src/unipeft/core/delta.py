@@ -121,6 +121,12 @@ class Form(nn.Module):
         this form's state dict). Forms whose tensor shapes depend on data (FishMask's chosen entries) reallocate to
         them here; the default keeps the built shapes, so the loader reports any mismatch."""
 
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the form changed its base weight at attach (PiSSA/OLoRA move the top singular directions into the
+        factors), so that its factors alone are not its delta from the original weight."""
+        return False
+
     def merge_problem(self, base: nn.Module) -> str | None:
         """Why this form cannot be folded into this particular ``base`` module (None if it can)."""
         return None

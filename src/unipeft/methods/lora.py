@@ -92,6 +92,16 @@ class LoRA(Form):
         """Δ = (α/r)·B A, for mixed batches (see :mod:`unipeft.mixed`)."""
         return LowRank(A=self.lora_A, B=self.lora_B, scale=self.scaling, embedding=self.embedding)
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self.rewrite is not None
+
+    def set_low_rank_(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Take these factors (A (r, d_in), B (d_out, r)) in place: Δ = (α/r)·B A (how a combination is written)."""
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A, shape (d_out, d_in)."""
         return (self.lora_B @ self.lora_A) * self.scaling

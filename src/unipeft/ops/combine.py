@@ -24,8 +24,10 @@ refuses adapters that hold ``modules_to_save`` of the same module). The new adap
 next to its LoRA.
 
 Papers: task arithmetic (Ilharco et al. 2023, arXiv 2212.04089), TIES-merging (Yadav et al. 2023, arXiv 2306.01708),
-DARE (Yu et al. 2023, arXiv 2311.03099). Factor methods take LoRA deltas (rsLoRA too); the SVD methods take any
-delta exposing ``delta_weight()`` (AdaLoRA, DoRA at the current base, LoHa, LoKr, VeRA, sparse deltas). Weights may be
+DARE (Yu et al. 2023, arXiv 2311.03099). Factor methods take every delta whose form gives its Δ as a pure low-rank
+product (:class:`~unipeft.core.factors.LowRank` from ``mixed_factors()``: LoRA, rsLoRA, AdaLoRA's P·diag(E)Q, VeRA's
+(diag(b)B)(diag(d)A)) — the same vocabulary mixed batches read, so no method is named here; the SVD methods take any
+delta exposing ``delta_weight()`` (also DoRA at the current base, LoHa, LoKr, sparse deltas). Weights may be
 negative (subtracting a task); ``weights=None`` averages (w_i = 1/n). See docs/combining.md.
 """
 
@@ -44,8 +46,8 @@ from unipeft.core.transaction import adding
 from unipeft.ops.combine_ops import SignMethod, merge_tensors, svd_factors
 from unipeft.core.recipe import DeltaSpec, Recipe
 from unipeft.core.site import Placed, base_named_modules
-from unipeft.methods.lora import LoRA, LoRAConfig
-from unipeft.methods.module_copy import CopyConfig, ModuleCopy
+from unipeft.core.delta import Form, form_config
+from unipeft.core.factors import LowRank
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ FACTOR_METHODS: tuple[str, ...] = ("linear", "cat", "ties", "dare_linear", "dare
 SVD_METHODS: tuple[str, ...] = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 METHODS: tuple[str, ...] = FACTOR_METHODS + SVD_METHODS
 DENSITY_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in ("linear", "cat", "svd"))
-SUPPORTED = ("factor methods (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) take LoRA deltas (rsLoRA "
-             "too); svd and the *_svd methods also take any delta with a weight delta (AdaLoRA, DoRA, LoHa, LoKr, "
+SUPPORTED = ("factor methods (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) take low-rank deltas (LoRA, "
+             "rsLoRA, AdaLoRA, VeRA); svd and the *_svd methods also take any delta with a weight delta (AdaLoRA, DoRA, LoHa, LoKr, "
              "VeRA, sparse); all must be inserted in parallel on a module with composition add or scaled")
 Key = tuple[str, "tuple[int, int] | None"]  # (site module, output slice)
 COPY_CHOICES = ("refuse", "average", "first")
@@ -161,20 +163,25 @@ def combine(peft: Handle, adapters: Sequence[str], weights: Sequence[float] | No
     return peft
 
 
-def _copies(peft: Handle, adapters: list[str]) -> dict[str, dict[str, ModuleCopy]]:
+def _is_copy(placed: Placed) -> bool:
+    """A module copy: a form that replaces the module it sits on (insertion ``replace``)."""
+    return placed.insertion == "replace"
+
+
+def _copies(peft: Handle, adapters: list[str]) -> dict[str, dict[str, Form]]:
     """Copied module → adapter → its copy there, in the model's module order."""
-    held: dict[str, dict[str, ModuleCopy]] = {}
+    held: dict[str, dict[str, Form]] = {}
     for adapter in adapters:
         for module, placed in peft.delta_modules(adapter):
-            if isinstance(placed.form, ModuleCopy):
+            if _is_copy(placed):
                 held.setdefault(module, {})[adapter] = placed.form
     order = {name: i for i, (name, _) in enumerate(base_named_modules(peft.model))}
     return dict(sorted(held.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-def _combine_copy(by: dict[str, ModuleCopy], weights: dict[str, float], copies: str) -> dict[str, torch.Tensor]:
+def _combine_copy(by: dict[str, Form], weights: dict[str, float], copies: str) -> dict[str, torch.Tensor]:
     """The state of the new adapter's copy of one module, from the adapters' copies ``by`` (see ``copies``)."""
-    states = {a: {k: v.detach() for k, v in form.module.state_dict().items()} for a, form in by.items()}
+    states = {a: {k: v.detach() for k, v in form.state_dict().items()} for a, form in by.items()}
     if copies == "first":
         return dict(states[next(iter(by))])
     if copies != "average":
@@ -207,7 +214,7 @@ def _collect(peft: Handle, adapters: list[str], method: str,
         for placed in peft.records[adapter]:
             module = placed.site.module
             if module in skip:
-                if not isinstance(placed.form, ModuleCopy):
+                if not _is_copy(placed):
                     raise ValueError(f"cannot combine adapter '{adapter}': its {type(placed.form).__name__} at "
                                      f"{module} sits on a module that an adapter copies whole")
                 continue
@@ -230,14 +237,22 @@ def _problem(placed: Placed, method: str, *, merged: bool) -> str | None:
     if type(placed.compose).__name__ not in ("Add", "Scaled"):
         return f"has composition '{type(placed.compose).__name__.lower()}', whose input-dependent gate has no weight"
     form = placed.form
-    if isinstance(form, LoRA) and form.rewrite is not None:
+    if form.rewrites_base:
         return "rewrites the base weight (PiSSA/OLoRA init), so its factors are not its delta"
-    if method in FACTOR_METHODS and not isinstance(form, LoRA):
-        return "has no LoRA factors A, B"
+    if method in FACTOR_METHODS and _low_rank(form) is None:
+        return "has no low-rank factors A, B (its Δ is not a pure product B A)"
     if not callable(getattr(form, "delta_weight", None)):
         return "exposes no delta weight"
-    if merged and not isinstance(form, LoRA):
+    if merged and form.reads_base_weight:
         return "is merged (its delta weight is read at the unmerged base); unmerge it first"
+    return None
+
+
+def _low_rank(form: Form) -> LowRank | None:
+    """The form's Δ as a pure low-rank product c·B A (no base term), or None."""
+    factors = form.mixed_factors() if callable(getattr(form, "mixed_factors", None)) else None
+    if isinstance(factors, LowRank) and factors.base_gain is None:
+        return factors
     return None
 
 
@@ -249,8 +264,8 @@ def _scale(placed: Placed) -> float:
 def _svd_rank(sites: dict[Key, dict[str, list[Placed]]], config: CombineConfig) -> int:
     if config.svd_rank is not None:
         return config.svd_rank
-    ranks = [p.form.lora_A.shape[0] for entries in sites.values() for e in entries.values() for p in e
-             if isinstance(getattr(p.form, "lora_A", None), torch.Tensor)]
+    ranks = [f.A.shape[0] for entries in sites.values() for e in entries.values() for p in e
+             if (f := _low_rank(p.form)) is not None]
     if not ranks:
         raise ValueError(f"method '{config.method}' needs svd_rank: none of these deltas has a LoRA rank to default to")
     return max(ranks)
@@ -269,9 +284,10 @@ def _combine_site(entries: dict[str, list[Placed]], weights: dict[str, float],
         total = merge_tensors(task, deltas, [weights[a] for a in names], **options)
         return svd_factors(total, rank, clamp=config.svd_clamp)
     forms = [placed[a][0].form for a in names]
-    coefs = [weights[a] * _scale(placed[a][0]) * f.scaling for a, f in zip(names, forms)]
-    a_list = [f.lora_A.detach().float() for f in forms]
-    b_list = [f.lora_B.detach().float() for f in forms]
+    factors = [_low_rank(f) for f in forms]
+    coefs = [weights[a] * _scale(placed[a][0]) * f.scale for a, f in zip(names, factors)]
+    a_list = [f.A.detach().float() for f in factors]
+    b_list = [f.B.detach().float() for f in factors]
     if config.method == "cat":
         return torch.cat(b_list, dim=1), torch.cat([c * a for c, a in zip(coefs, a_list)], dim=0)
     ranks = sorted({a.shape[0] for a in a_list})
@@ -298,7 +314,7 @@ def _recipe(peft: Handle, sites: dict[Key, dict[str, list[Placed]]],
         groups.setdefault((record.site.position, record.site.stack, rank, dropout), []).append(record)
     deltas = []
     for (position, stack, rank, dropout), records in groups.items():
-        form = LoRAConfig(r=rank, alpha=float(rank), dropout=dropout)
+        form = form_config({"type": "lora", "r": rank, "alpha": float(rank), "dropout": dropout})
         if position == "module":  # raw module patterns: one exact-name regular expression
             modules = "|".join(re.escape(r.site.module) for r in records)
             deltas.append(DeltaSpec(form=form, modules=modules))
@@ -307,7 +323,7 @@ def _recipe(peft: Handle, sites: dict[Key, dict[str, list[Placed]]],
             deltas.append(DeltaSpec(form=form, positions=(position,), layers=tuple(layers) if layers else None,
                                     stacks=(stack,) if stack else None))
     if copied:
-        deltas.append(DeltaSpec(form=CopyConfig(), modules="|".join(re.escape(m) for m in copied),
+        deltas.append(DeltaSpec(form=form_config({"type": "copy"}), modules="|".join(re.escape(m) for m in copied),
                                 insertion="replace"))
     terms = " + ".join(f"{w:g}*{a}" for a, w in zip(adapters, weights))
     return Recipe(name=f"combined-{config.method}", family="reparameterized",
@@ -321,8 +337,8 @@ def _write(peft: Handle, name: str, factors: dict[Key, tuple[torch.Tensor, torch
     checking it sits exactly on those sites."""
     placed = {}
     for p in peft.records[name]:
-        if isinstance(p.form, ModuleCopy):
-            p.form.module.load_state_dict(copied[p.site.module])
+        if _is_copy(p):
+            p.form.load_state_dict(copied[p.site.module])
             continue
         key = (p.site.module, p.site.out_slice)
         if key in placed:
@@ -333,6 +349,4 @@ def _write(peft: Handle, name: str, factors: dict[Key, tuple[torch.Tensor, torch
                            f"{sorted(set(placed) ^ set(factors), key=str)[:5]}")
     with torch.no_grad():
         for key, (b, a) in factors.items():
-            form = placed[key].form
-            form.lora_A.copy_(a)
-            form.lora_B.copy_(b)
+            placed[key].form.set_low_rank_(a, b)
