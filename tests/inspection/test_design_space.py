@@ -10,7 +10,7 @@ import torch
 
 import unipeft
 from unipeft.core.compose import Gated
-from unipeft.inspection.design_space import TABLE_1, DesignPoint, Method, method, table_markdown, to_recipe
+from unipeft.inspection.design_space import ROWS, TABLE_1, DesignPoint, Method, method, table_markdown, to_recipe
 from unipeft.core.recipe import Recipe, load_recipe
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "design-space.md"
@@ -36,15 +36,24 @@ def test_every_row_attaches_and_trains(tiny, row, family):
     assert any(p.grad is not None for p in peft.trainable_parameters())
 
 
-@pytest.mark.parametrize("row, recipe", [("Scaled PA", None), ("LoRA", "lora"), ("MAM adapter", "mam")])
-def test_rows_match_the_shipped_recipes(row, recipe):
+@pytest.mark.parametrize("row, dimensions", [
+    ("Prefix tuning", [("prefix", ("attn",), "sequence", "add", 1.0)]),
+    ("Adapter", [("bottleneck", ("attn", "ffn"), "sequential", "add", 1.0)]),
+    ("LoRA", [("lora", ("attn.q", "attn.v"), "parallel", "add", 1.0)]),
+    ("Parallel adapter", [("bottleneck", ("ffn",), "parallel", "add", 1.0)]),
+    ("Multi-head PA", [("mh_adapter", ("attn",), "parallel", "add", 1.0)]),
+    ("Scaled PA", [("bottleneck", ("ffn",), "parallel", "scaled", 4.0)]),
+    ("MAM adapter", [("prefix", ("attn", "xattn?"), "sequence", "add", 1.0),
+                     ("bottleneck", ("ffn",), "parallel", "scaled", 4.0)]),
+])
+def test_rows_sit_where_he_et_al_put_them(row, dimensions):
+    """Each row is read from its shipped recipe; the recipe must be the paper's point along the four dimensions
+    (functional form, modified representation, insertion, composition and its scale)."""
     built = method(row).to_recipe()
-    if recipe is not None:
-        assert [_point(d) for d in built.deltas] == [_point(d) for d in load_recipe(recipe).deltas]
-    else:
-        (delta,) = built.deltas
-        assert (delta.form.type, delta.resolved_insertion, delta.composition, delta.scale) == \
-            ("bottleneck", "parallel", "scaled", 4.0)
+    assert [(d.form.type, d.positions, d.resolved_insertion, d.composition, d.scale) for d in built.deltas] == \
+        dimensions
+    recipe = dict((name, r) for name, r, _ in ROWS)[row]
+    assert [_point(d) for d in built.deltas] == [_point(d) for d in load_recipe(recipe).deltas]
 
 
 def test_a_new_point_gated_parallel_adapter_at_attn_o(tiny):

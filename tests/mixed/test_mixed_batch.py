@@ -292,7 +292,7 @@ def test_merged_adapters_and_training_mode_are_refused(tiny, randomize):
                                           ("unipelt", "LoRA|Prefix")])
 def test_unsupported_deltas_are_refused_by_name(tiny, randomize, recipe, form):
     peft = adapted(tiny, randomize, "llama", {"x": recipe, "a": "lora"})
-    with pytest.raises(ValueError, match=rf"({form}).*of 'x' at .*Supported forms: lora, dora"):
+    with pytest.raises(ValueError, match=rf"({form}).*of 'x' at .*Supported forms: adalora, bias, bottleneck, copy, dora"):
         peft.mixed_batch(["a", "x"])
     peft.mixed_batch(["a", None])  # an unsupported adapter that is not in the batch is no obstacle
 
@@ -312,6 +312,7 @@ def test_supported_forms_are_exactly_the_batchable_ones(tiny):
         assert isinstance(form, Batchable) == (name in SUPPORTED_FORMS and name != "copy"), name
         checked += 1
     assert checked >= 8
+    assert set(SUPPORTED_FORMS) == {"lora", "dora", "vera", "adalora", "ia3", "bias", "ssf", "bottleneck", "copy"}
     peft = unipeft.attach(model, "adalora")
     assert all(isinstance(p.form, Batchable) for _, p in peft.delta_modules())
 

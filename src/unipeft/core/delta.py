@@ -14,7 +14,7 @@ loop calls; no loop knows a method by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, get_type_hints
 
 import torch
 from torch import nn
@@ -157,6 +157,29 @@ def register_form(name: str) -> Callable[[C], C]:
 def form_names() -> list[str]:
     """Names of all registered forms (``import unipeft`` registers the built-in ones)."""
     return sorted(_FORMS)
+
+
+def form_config_class(name: str) -> type[FormConfig]:
+    """The registered config class of form ``name``.
+
+    Raises:
+        ValueError: for an unknown form name.
+    """
+    if name not in _FORMS:
+        raise ValueError(f"unknown delta form {name!r}; valid forms: {', '.join(sorted(_FORMS))}")
+    return _FORMS[name]
+
+
+def form_class(name: str) -> type[Form]:
+    """The :class:`Form` class that form ``name``'s config builds (read from ``build``'s return annotation).
+
+    Raises:
+        ValueError: for an unknown form name.
+    """
+    built = get_type_hints(form_config_class(name).build).get("return")
+    if not (isinstance(built, type) and issubclass(built, Form)):
+        raise TypeError(f"{_FORMS[name].__name__}.build must be annotated with the Form class it returns")
+    return built
 
 
 def form_config(data: Mapping[str, Any] | FormConfig) -> FormConfig:

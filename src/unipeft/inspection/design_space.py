@@ -11,8 +11,8 @@ points (a row of their Table 1, or a combination such as the MAM adapter); :func
     peft = unipeft.attach(model, to_recipe(gated_pa, name="gated_pa_attn_o"))
 
 :data:`TABLE_1` holds He et al.'s Table 1 (prefix tuning, adapter, LoRA, and the variants they derive from it:
-parallel adapter, multi-head PA, scaled PA) plus the MAM adapter of their Sec. 4.6; :func:`table_markdown` prints it
-(docs/design-space.md shows the same table).
+parallel adapter, multi-head PA, scaled PA) plus the MAM adapter of their Sec. 4.6, derived from the shipped recipes
+that realise them (:data:`ROWS`); :func:`table_markdown` prints it (docs/design-space.md shows the same table).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from unipeft.core.compose import COMPOSITIONS
 from unipeft.core.delta import FormConfig, form_config
-from unipeft.core.recipe import FAMILIES, DeltaSpec, Recipe
+from unipeft.core.recipe import FAMILIES, DeltaSpec, Recipe, load_recipe
 
 #: Δh as He et al. write it, per form type (z is x for parallel insertion and h for sequential).
 FUNCTIONAL_FORMS: Mapping[str, str] = {
@@ -73,6 +73,14 @@ class DesignPoint:
             raise ValueError(f"unknown composition {self.composition!r}; valid: {', '.join(COMPOSITIONS)}")
         self.to_delta()  # validates the insertion against the form
 
+    @classmethod
+    def from_delta(cls, spec: DeltaSpec) -> "DesignPoint":
+        """The design point a recipe's delta spec realises (a spec placed by module patterns has none)."""
+        if spec.modules or not spec.positions:
+            raise ValueError(f"delta '{spec.form.type}' is placed by module patterns, not by positions")
+        return cls(form=spec.form, positions=spec.positions, insertion=spec.insertion, composition=spec.composition,
+                   scale=spec.scale, learn_scale=spec.learn_scale, layers=spec.layers, stacks=spec.stacks)
+
     def to_delta(self) -> DeltaSpec:
         """The :class:`DeltaSpec` that realises this point."""
         return DeltaSpec(form=self.form, positions=self.positions, insertion=self.insertion,
@@ -86,7 +94,11 @@ class DesignPoint:
         if self.form.type == "prefix":  # He et al.: a gated parallel delta on the head output
             composition = "(1 − λ)h + λΔh" if self.composition == "add" else "(1 − λ)h + λ·σ(x W_g)Δh"
             insertion = "parallel (as `sequence`)"
-        return {"functional form": FUNCTIONAL_FORMS.get(self.form.type, self.form.type),
+        functional = FUNCTIONAL_FORMS.get(self.form.type, self.form.type)
+        activation = getattr(self.form, "activation", None)
+        if isinstance(activation, str) and functional.count("ReLU") == 1:  # the form's own non-linearity
+            functional = functional.replace("ReLU", "ReLU" if activation == "relu" else activation)
+        return {"functional form": functional,
                 "insertion": insertion,
                 "modified representation": ", ".join(self.positions),
                 "composition": composition}
@@ -101,6 +113,13 @@ class Method:
     points: tuple[DesignPoint, ...]
     family: str = "additive"
     note: str = ""
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe | str, *, name: str, note: str = "") -> "Method":
+        """The method a shipped (or any) recipe realises: its deltas as design points, its paper and family."""
+        recipe = load_recipe(recipe)
+        return cls(name=name, paper=recipe.paper, family=recipe.family, note=note or recipe.description,
+                   points=tuple(DesignPoint.from_delta(d) for d in recipe.deltas))
 
     def to_recipe(self, name: str | None = None) -> Recipe:
         """This method as a recipe (named ``name``, default: the method's name in snake case)."""
@@ -130,38 +149,19 @@ def to_recipe(*points: DesignPoint | Method, name: str = "custom", family: str =
                   deltas=tuple(p.to_delta() for p in flat))
 
 
-_HE = "He et al. 2022, Towards a Unified View of PETL (arXiv 2110.04366)"
-_PREFIX = DesignPoint(form={"type": "prefix", "length": 30, "reparam": 800}, positions=("attn",), insertion="sequence")
-_SCALED_PA = DesignPoint(form={"type": "bottleneck", "size": 512}, positions=("ffn",), insertion="parallel",
-                         composition="scaled", scale=4.0)
-
-#: MAM's prefix: also at the decoder's cross-attention where a model has one (``xattn?``: optional position).
-_MAM_PREFIX = DesignPoint(form=_PREFIX.form, positions=("attn", "xattn?"), insertion=_PREFIX.insertion)
-
-#: He et al.'s Table 1 rows and the MAM adapter, each realised by the points below (their hyperparameters are the
-#: paper's where it gives them; recipes in ``unipeft/recipes`` use the same settings).
-TABLE_1: tuple[Method, ...] = (
-    Method(name="Prefix tuning", paper="Li & Liang 2021 (arXiv 2101.00190)", points=(_PREFIX,),
-           note="l key/value vectors per attention block"),
-    Method(name="Adapter", paper="Houlsby et al. 2019 (arXiv 1902.00751)",
-           points=(DesignPoint(form={"type": "bottleneck", "size": 64}, positions=("attn", "ffn"),
-                               insertion="sequential"),),
-           note="sequential bottleneck after attention and FFN"),
-    Method(name="LoRA", paper="Hu et al. 2021 (arXiv 2106.09685)", family="reparameterized",
-           points=(DesignPoint(form={"type": "lora", "r": 8, "alpha": 16.0}, positions=("attn.q", "attn.v"),
-                               insertion="parallel"),),
-           note="s = α/r is inside the form"),
-    Method(name="Parallel adapter", paper=_HE,
-           points=(DesignPoint(form={"type": "bottleneck", "size": 512}, positions=("ffn",), insertion="parallel"),),
-           note="the adapter reads the FFN's input"),
-    Method(name="Multi-head PA", paper=_HE,
-           points=(DesignPoint(form={"type": "mh_adapter", "heads": 8, "size": 64}, positions=("attn",),
-                               insertion="parallel"),),
-           note="one bottleneck per head at the attention sub-layer"),
-    Method(name="Scaled PA", paper=_HE, points=(_SCALED_PA,), note="parallel adapter with s = 4"),
-    Method(name="MAM adapter", paper=_HE, family="hybrid", points=(_MAM_PREFIX, _SCALED_PA),
-           note="prefix (l = 30) at attention (and cross-attention) + scaled PA (r = 512) at the FFN"),
+#: He et al.'s Table 1 rows (prefix tuning, adapter, LoRA and the variants they derive) and the MAM adapter of their
+#: Sec. 4.6, each read from the shipped recipe that realises it (the hyperparameters, positions, insertion and
+#: composition are the recipe's: one fact in one place): (row name, recipe, note).
+ROWS: tuple[tuple[str, str, str], ...] = (
+    ("Prefix tuning", "prefix", "l key/value vectors per attention block"),
+    ("Adapter", "houlsby", "sequential bottleneck after attention and FFN"),
+    ("LoRA", "lora", "s = α/r is inside the form"),
+    ("Parallel adapter", "parallel_adapter", "the adapter reads the FFN's input"),
+    ("Multi-head PA", "mh_pa", "one bottleneck per head at the attention sub-layer"),
+    ("Scaled PA", "scaled_pa", "parallel adapter with s = 4"),
+    ("MAM adapter", "mam", "prefix at attention (and cross-attention) + scaled PA at the FFN"),
 )
+TABLE_1: tuple[Method, ...] = tuple(Method.from_recipe(recipe, name=name, note=note) for name, recipe, note in ROWS)
 
 
 def method(name: str) -> Method:

@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +43,6 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 TUNER_PREFIX = "base_model."
 #: The per-method mapping modules; each registers itself. A new method is one new file and one entry here.
-METHOD_MODULES = ("hf_lora", "hf_ia3", "hf_lycoris", "hf_vera", "hf_adalora", "hf_prompt")
 #: Why some unipeft forms have no HF peft counterpart, for the refusal message.
 NO_EQUIVALENT = {
     "bottleneck": "HF peft has no bottleneck adapter method (Houlsby, Pfeiffer, parallel adapters live in the "
@@ -56,7 +56,12 @@ NO_EQUIVALENT = {
 
 
 def _register_methods() -> None:
-    for module in METHOD_MODULES:
+    """Import every ``hf_*`` module of this package: the method mappings register themselves with
+    ``register_hf_method`` (as the methods do with ``register_form``), so a new mapping is one new file."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        module = info.name
+        if not module.startswith("hf_") or f"unipeft.interop.{module}" == __name__:
+            continue
         try:
             importlib.import_module(f"unipeft.interop.{module}")
         except ModuleNotFoundError as err:  # the unipeft form of this method is not in this installation

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from unipeft.core.delta import form_class, form_config_class, form_names
 from unipeft.mixed.plan import SitePlan, Step
 from unipeft.mixed.stacks import SiteStacks, site_stacks
 
@@ -32,8 +33,15 @@ if TYPE_CHECKING:
     from unipeft.core.adapted import Handle
     from unipeft.core.site import DeltaSite
 
-#: Forms that run in mixed batches (their Form classes implement ``mixed_factors``), and module copies.
-SUPPORTED_FORMS: tuple[str, ...] = ("lora", "dora", "vera", "adalora", "ia3", "bias", "ssf", "bottleneck", "copy")
+def supported_forms() -> tuple[str, ...]:
+    """The registered forms that run in mixed batches: those whose Form class implements the batching protocol
+    (``mixed_factors``, :class:`~unipeft.core.factors.Batchable`), and module copies (insertion ``replace``)."""
+    return tuple(name for name in form_names()
+                 if hasattr(form_class(name), "mixed_factors") or form_config_class(name).insertions == ("replace",))
+
+
+#: :func:`supported_forms` for the built-in methods (``import unipeft`` registers them before this module loads).
+SUPPORTED_FORMS: tuple[str, ...] = supported_forms()
 
 
 class MixedBatch:
@@ -154,7 +162,7 @@ def _refuse(stacks: dict[str, SiteStacks], adapters: list[str]) -> None:
         more = f" and {len(modules) - 1} more" if len(modules) > 1 else ""
         problems.append(f"{form} ({insertion}) of '{adapter}' at {modules[0]}{more}: {reason}")
     raise ValueError(f"these deltas cannot run in a mixed batch: {'; '.join(problems[:5])}"
-                     f"{' ...' if len(problems) > 5 else ''}. Supported forms: {', '.join(SUPPORTED_FORMS)} "
+                     f"{' ...' if len(problems) > 5 else ''}. Supported forms: {', '.join(supported_forms())} "
                      "(insertions parallel, sequential, multiplicative, multiplicative_input, replace; "
                      "compositions add, scaled)")
 
