@@ -45,3 +45,28 @@ def minilm_sst2(minilm_folder: str):
         return AutoModelForSequenceClassification.from_pretrained(minilm_folder, num_labels=2), batch
 
     return make
+
+
+def _loss_change(model, peft, batch, steps: int = 3, lr: float = 1e-2) -> float:
+    """Train ``steps`` AdamW steps on ``batch`` (dropout off, so that the losses compare); the last loss minus the
+    first."""
+    import torch
+
+    model.eval()
+    optimizer = torch.optim.AdamW(peft.trainable_parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = model(**batch).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return model(**batch).loss.item() - first
+
+
+@pytest.fixture
+def loss_change():
+    """``loss_change(model, peft, batch, steps=3, lr=1e-2)``: the loss after a few AdamW steps on ``batch`` minus the
+    loss before (dropout off); negative when the adapter learns."""
+    return _loss_change
