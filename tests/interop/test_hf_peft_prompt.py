@@ -1,7 +1,7 @@
 """Prompt tuning and prefix tuning between HF peft's file format and unipeft, checked against HF peft itself.
 
 HF peft runs a prefix as a KV cache, so its real tokens sit at positions l..l+T-1; unipeft numbers them the same way
-(unipeft.core.seq.shift), so both sides get the same inputs: a file written by either behaves the same in both."""
+(unipeft.sequence.shift), so both sides get the same inputs: a file written by either behaves the same in both."""
 
 from __future__ import annotations
 

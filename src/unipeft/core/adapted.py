@@ -26,7 +26,7 @@ from unipeft.core.modules import module_dims, set_submodule
 from unipeft.core.positions import Site, resolve_patterns, resolve_positions
 from unipeft.core.quant import hold_autograd_kernels, is_quantized, release_autograd_kernels, weight_shape
 from unipeft.core.recipe import DeltaSpec, Recipe, load_recipe
-from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
+from unipeft.core.sequence import SequenceForm, SequenceFormConfig
 from unipeft.core.site import DeltaSite, Placed
 
 log = logging.getLogger(__name__)

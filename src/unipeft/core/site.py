@@ -9,7 +9,7 @@ its output, Δ(·) a form and g a composition:
 * ``multiplicative_input``:  h' = f(x ⊙ l)         ((IA)³ on the FFN's inner activations)
 * ``replace``:               h' = f'(x)            (a trainable copy of the module, HF peft's ``modules_to_save``)
 * ``sequence``:              h' = h                (Δ extends the sequence instead: prefix keys/values inside attention,
-                                                    prompt tokens at the input; see :mod:`unipeft.core.seq`)
+                                                    prompt tokens at the input; see :mod:`unipeft.sequence`)
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class DeltaSite(nn.Module):
         self._pre: list[Placed] = []
         self._post: list[Placed] = []
         self._replace: Placed | None = None
-        #: running sequence-level deltas (prefix, prompt): read by unipeft.core.seq, not run in forward
+        #: running sequence-level deltas (prefix, prompt): read by unipeft.sequence, not run in forward
         self.sequence: list[Placed] = []
         #: while a mixed batch runs (unipeft.mixed): the per-row plan that forward calls instead
         self.mixed: Callable[..., object] | None = None

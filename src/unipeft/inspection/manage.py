@@ -2,7 +2,7 @@
 
 Adding (:meth:`Peft.add`, :meth:`Peft.load`), activating several at once (:meth:`Peft.set_active`: the deltas of
 stacked adapters are summed, h = W x + Σ_a Δ_a(x)), merging and deleting (:meth:`Peft.remove`) live on
-:class:`~unipeft.core.adapted.Peft`; this module holds the two operations that read across adapters or files.
+:class:`unipeft.Peft`; this module holds the two operations that read across adapters or files.
 
 Hot-swapping copies saved tensors into the *existing* parameters of an adapter with the same recipe: no module is
 re-created or re-wrapped, so optimisers, ``torch.compile`` graphs and references to the parameters stay valid.

@@ -9,7 +9,7 @@ that picks the PeftModel class (written from the model class: ``*ForCausalLM`` â
   final prefix (after its ``prefix_projection`` MLP) and unipeft folds its training-time MLP the same way, so the
   MLP never travels and a written config has ``prefix_projection: false``. HF runs the prefix as a KV cache, so the
   real tokens sit at positions l..l+Tâˆ’1; unipeft's prefixes number them the same way (``shift_positions``, on by
-  default, :mod:`unipeft.core.seq.shift`), so an adapter gives the same logits and generations on either side, with
+  default, :mod:`unipeft.sequence.shift`), so an adapter gives the same logits and generations on either side, with
   either padding side. A prefix with ``shift_positions: false`` is refused on export.
 
 Encoder-decoder models are refused (HF's ``num_transformer_submodules: 2`` puts prompts in the decoder too, and its

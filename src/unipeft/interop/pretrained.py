@@ -134,7 +134,7 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name
             ones already active. Active adapters train: their parameters require grad.
 
     Returns:
-        The model's :class:`~unipeft.core.adapted.Peft` handle.
+        The model's :class:`unipeft.Peft` handle.
 
     Raises:
         FileNotFoundError: if the folder holds no adapter.

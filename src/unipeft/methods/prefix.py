@@ -7,7 +7,7 @@ Each attention block gets l trainable key and value vectors in front of its own:
 which He et al. (2022, arXiv 2110.04366) rewrite as a gated parallel delta on the head's output,
 h ← (1 − λ(x)) h + λ(x) softmax(x W_q P_kᵀ) P_v. Positions ``attn`` and ``xattn`` (cross-attention, where He et al.
 put prefixes in encoder-decoder models); the keys and values are extended through transformers' attention interface
-(:mod:`unipeft.core.seq.attention`), so it works in training and in generation with a KV cache.
+(:mod:`unipeft.sequence.attention`), so it works in training and in generation with a KV cache.
 
 Reparameterisation (``reparam: h``, Li & Liang's training recipe, HF peft's ``prefix_projection=True``): during
 training P = MLP(E) = tanh(E W_1 + b_1) W_2 + b_2 with E ∈ R^{l × d_kv}. E and the first layer are shared by every
@@ -19,7 +19,7 @@ adapter computes the saved prefix exactly; training it further continues through
 residual on top. With ``reparam: null`` P is trained directly (P-tuning v2, and HF peft's default).
 
 Positions: the real tokens sit after the prefix, at l..l+T−1 (position ids given are shifted by l), as in Li & Liang's
-GPT-2 code and HF peft, which feed P as a pre-filled KV cache (:mod:`unipeft.core.seq.shift`); so a prefix gives HF
+GPT-2 code and HF peft, which feed P as a pre-filled KV cache (:mod:`unipeft.sequence.shift`); so a prefix gives HF
 peft's logits and generations exactly, with either padding side (tests/methods/test_prefix.py). ``shift_positions:
 false`` keeps the plain model's 0..T−1 instead (the full learned-position range for real tokens; such a prefix has no
 HF peft equivalent). Deliberate differences from HF peft's ``PrefixTuningConfig``:
@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from unipeft.core.delta import Form, SiteShape, register_form
-from unipeft.core.seq.attention import attention_dims, attention_module, bind_prefix
-from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
-from unipeft.core.seq.shift import bind_shift
+from unipeft.sequence.attention import attention_dims, attention_module, bind_prefix
+from unipeft.core.sequence import SequenceForm, SequenceFormConfig
+from unipeft.sequence.shift import bind_shift
 
 if TYPE_CHECKING:
     from unipeft.core.positions import Site

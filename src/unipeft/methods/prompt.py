@@ -3,7 +3,7 @@
     [P ; E(x)],     P ∈ R^{n × d}
 
 placed at the ``embed`` position; the prompt is prepended to the input embeddings through a forward pre-hook on the
-model's keyword arguments (:mod:`unipeft.core.seq.inputs`), which also extends the attention mask and token-level
+model's keyword arguments (:mod:`unipeft.sequence.inputs`), which also extends the attention mask and token-level
 labels (-100 for the virtual tokens). In an encoder-decoder model (T5) the prompt goes in front of the encoder's input.
 In generation the prompt is inserted on the first step only and is read from the KV cache afterwards.
 
@@ -32,8 +32,8 @@ from torch import nn
 
 from unipeft.core.delta import SiteShape, register_form
 from unipeft.core.modules import module_dims
-from unipeft.core.seq.base import SequenceForm, SequenceFormConfig
-from unipeft.core.seq.inputs import bind_prompt
+from unipeft.core.sequence import SequenceForm, SequenceFormConfig
+from unipeft.sequence.inputs import bind_prompt
 from unipeft.core.site import base_named_modules
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Sequence-level deltas (unipeft.core.seq): the ``sequence`` insertion, prefixes through transformers' attention
+"""Sequence-level deltas (unipeft.sequence): the ``sequence`` insertion, prefixes through transformers' attention
 interface, prompts through forward pre-hooks, and the shared invariants of every sequence recipe on every family.
 
 The invariants here are those of tests/core/test_invariants.py adapted to forms that are not the identity at init:
@@ -16,7 +16,7 @@ import transformers
 
 import unipeft
 from unipeft.core.recipe import DeltaSpec, Recipe
-from unipeft.core.seq.attention import _BOUND as ATTENTION_BOUND
+from unipeft.sequence.attention import _BOUND as ATTENTION_BOUND
 from unipeft.core.site import DeltaSite
 from unipeft.methods.prefix import PrefixConfig
 from unipeft.methods.prompt import PromptConfig

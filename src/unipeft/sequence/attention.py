@@ -14,7 +14,7 @@ switches the attention module's config to an implementation registered here, ``u
 and then calls the original implementation (sdpa, or the model's own ``eager_attention_forward``). Modules without a
 running prefix go straight to the original. The prefix never enters the KV cache, so generation with a cache sees the
 same keys as generation without one; the real tokens' position ids are numbered after the prefix by
-:mod:`unipeft.core.seq.shift` (or left at 0..S-1 where the prefix asks so).
+:mod:`unipeft.sequence.shift` (or left at 0..S-1 where the prefix asks so).
 
 With a ``gated`` composition (UniPELT, Mao et al. 2022) both P_k and P_v are scaled by
 g = mean_t σ(x_t W_g + b_g), x the attention module's input, as in Mao et al.'s code.

@@ -2,7 +2,7 @@
 
 Li & Liang (2021) run a prefix as past activations, and HF peft as a pre-filled KV cache, so a model numbers the real
 tokens after it: positions l..l+T−1 where a plain model has 0..T−1 (and HF peft adds l to position ids it is given,
-in ``forward`` and in ``generate``). unipeft puts the prefix inside attention (:mod:`unipeft.core.seq.attention`),
+in ``forward`` and in ``generate``). unipeft puts the prefix inside attention (:mod:`unipeft.sequence.attention`),
 outside the cache, so it reproduces the numbering explicitly: a forward pre-hook on the transformer body
 (``model.base_model``) rewrites its call's ``position_ids`` to
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from unipeft.core.seq.inputs import call_kwargs
+from unipeft.sequence.inputs import call_kwargs
 
 if TYPE_CHECKING:
     from unipeft.core.site import DeltaSite, Placed
