@@ -4,7 +4,6 @@ stopped by the fixture; plus the offline greedy outputs each adapter gives alone
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import socket
@@ -74,10 +73,12 @@ def served(tmp_path_factory) -> dict[str, Any]:
     return {"dir": folder, "reference": reference, "tokenizer": tokenizer}
 
 
-def start_server(adapter_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(adapter_dir: Path, *extra: str, pinned: tuple[str, ...] = ("a", "b")) -> tuple[subprocess.Popen, str]:
+    """``unipeft serve`` on a free loopback port with the ``pinned`` adapters of ``adapter_dir`` (and the folder for
+    the others); returns the process and the URL once /health answers."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("unipeft")), "serve", "--model", "smollm2-135m",
-               "--adapter", f"a={adapter_dir / 'a'}", "--adapter", f"b={adapter_dir / 'b'}",
+               *[x for name in pinned for x in ("--adapter", f"{name}={adapter_dir / name}")],
                "--adapter-dir", str(adapter_dir), "--port", str(port), "--device", "cpu", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
