@@ -1,0 +1,36 @@
+"""ServeConfig and its YAML file: bad values and unknown keys are refused naming them; the CLI's --adapter syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from unipeft.cli.main import main
+from unipeft.serve.config import ServeConfig, load_serve_config
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"device": "tpu"}, ["tpu", "auto, cpu, cuda"]),
+    ({"max_batch": 0}, ["max_batch", ">= 1"]),
+    ({"port": 70000}, ["port"]),
+    ({"adapters": {"a/b": "x"}}, ["a/b"]),
+    ({"adapters": {"a": "x", "b": "y"}, "max_resident": 1}, ["pinned", "max_resident is 1"]),
+])
+def test_bad_values_are_refused(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        ServeConfig(**kwargs)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_yaml_config_reads_the_same_keys(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: smollm2-135m\nadapters: {a: runs/a}\nmax_batch: 4\n")
+    config = load_serve_config(path)
+    assert config.adapters == {"a": "runs/a"} and config.max_batch == 4 and config.host == "127.0.0.1"
+    path.write_text("modle: x\n")
+    with pytest.raises(ValueError, match="unknown serve config key.*modle.*valid:.*model"):
+        load_serve_config(path)
+
+
+def test_cli_refuses_a_bad_adapter_argument(capsys):
+    assert main(["serve", "--adapter", "no-equals-sign"]) == 2
+    assert "--adapter takes NAME=PATH" in capsys.readouterr().err
