@@ -170,7 +170,7 @@ def create_app(engine: Engine, tokenizer: Any, *, base_name: str, max_tokens: in
         if len(prompt_ids) + limit > max_context:
             raise APIError(400, f"this model's context is {max_context} tokens; the prompt has {len(prompt_ids)} "
                                 f"and max_tokens asks for {limit} more", "max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = _stops(body)
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
         adapter = _adapter(body.model)
@@ -189,7 +189,7 @@ def create_app(engine: Engine, tokenizer: Any, *, base_name: str, max_tokens: in
             return lambda event: loop.call_soon_threadsafe(queues[i].put_nowait, (event, time.monotonic()))
 
         reqs = _requests(body, prompt_ids, emit_for)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = _stops(body)
         endpoint = "chat" if kind == "chat.completion" else "completions"
         try:
             for r in reqs:
@@ -370,17 +370,20 @@ class _Decoded:
         self.ids: list[int] = []
         self.sent = 0
 
-    def text(self) -> str:
+    def _decode(self) -> tuple[str, bool]:
+        """The text so far, cut at the first stop string, and whether a stop string was found."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def text(self) -> str:
+        return self._decode()[0]
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        text = self.text()
-        hold = max((len(s) - 1 for s in self.stops), default=0)  # a stop string may still be forming
-        ready = len(text) - hold if not any(s in self.tokenizer.decode(self.ids, skip_special_tokens=True)
-                                            for s in self.stops) else len(text)
+        text, stopped = self._decode()
+        hold = 0 if stopped else max((len(s) - 1 for s in self.stops), default=0)  # a stop may still be forming
+        ready = len(text) - hold
         if text.endswith("\ufffd"):
             ready = min(ready, len(text) - 1)
         out = text[self.sent:max(ready, self.sent)]
@@ -392,6 +395,11 @@ class _Decoded:
         out = text[self.sent:]
         self.sent = len(text)
         return out
+
+
+def _stops(body: _Sampling) -> list[str]:
+    """The request's stop strings as a list."""
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
 
 def _usage(prompt: int, states: list[_Decoded]) -> dict[str, int]:

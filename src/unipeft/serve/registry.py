@@ -100,8 +100,6 @@ class AdapterRegistry:
         try:
             unipeft.from_pretrained(self.peft.model, folder, adapter_name=name, activate=False)
             self.peft.mixed_batch([name])  # refuses forms that cannot run per row, naming them
-        except AdapterError:
-            raise
         except (ValueError, OSError, NotImplementedError) as err:
             if name in self.peft.recipes:
                 self.peft.remove(name)
