@@ -63,7 +63,7 @@ QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
 _UNQUANTIZED_HEADS = ["classifier", "score", "qa_outputs", "lm_head"]
 
 
-def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[str, object]:
+def _quantization_kwargs(quantization: str | None, dtype: torch.dtype, double_quant: bool = False) -> dict[str, object]:
     """``from_pretrained`` keyword arguments for a bitsandbytes-quantized load (none for ``None``)."""
     if quantization is None:
         return {}
@@ -75,7 +75,7 @@ def _quantization_kwargs(quantization: str | None, dtype: torch.dtype) -> dict[s
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_UNQUANTIZED_HEADS)
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=dtype,
-                                    llm_int8_skip_modules=_UNQUANTIZED_HEADS)
+                                    bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=_UNQUANTIZED_HEADS)
     kwargs: dict[str, object] = {"quantization_config": config}
     if not torch.cuda.is_available():
         kwargs["device_map"] = "cpu"  # bitsandbytes quantizes when the weights are placed
@@ -91,6 +91,7 @@ def load_model(
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     quantization: str | None = None,
+    double_quant: bool = False,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer from local files.
 
@@ -108,6 +109,7 @@ def load_model(
             ``~/.cache/unipeft/models``).
         quantization: ``nf4`` / ``fp4`` (4-bit) or ``int8`` to quantize the linear layers with bitsandbytes
             (a QLoRA base; heads stay in ``dtype``), or ``None``.
+        double_quant: with a 4-bit base, quantize the per-block constants too (QLoRA's double quantization).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer always has a pad token
@@ -117,7 +119,7 @@ def load_model(
         ValueError: for an unknown kind, name or quantization, a config-only name, or a bad ``num_labels``.
         FileNotFoundError: if a short name's package is not installed.
     """
-    head_kwargs = _head_kwargs(kind, num_labels) | _quantization_kwargs(quantization, dtype)
+    head_kwargs = _head_kwargs(kind, num_labels) | _quantization_kwargs(quantization, dtype, double_quant)
     source = resolve_model(name_or_path)
     folder = source.path if source.format == "hf" else cached_gguf_folder(source, cache_dir)
 

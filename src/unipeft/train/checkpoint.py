@@ -33,7 +33,7 @@ FORMAT = "unipeft-train-checkpoint"
 #: Config keys that must be equal to resume: they decide the model, the adapter and the data order. (The step
 #: budget and the optimiser's hyperparameters may change: the schedule is recomputed from the step.)
 RESUME_KEYS = ("model", "task", "jsonl", "method", "method_options", "batch_size", "max_length", "group_by_length",
-               "seed", "train_limit")
+               "seed", "train_limit", "quantization", "double_quant")
 
 
 @dataclass(kw_only=True)
@@ -48,6 +48,7 @@ class TrainState:
         examples: training examples seen so far.
         tokens: non-padding training tokens seen so far.
         history: ``{"train": [{step, loss, lr}, ...], "eval": [{step, metric: value, ...}, ...]}``.
+        scaler: fp16's gradient-scaler state (its scale and growth counter; empty when disabled).
     """
 
     step: int = 0
@@ -57,12 +58,13 @@ class TrainState:
     examples: int = 0
     tokens: int = 0
     history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "eval": []})
+    scaler: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "train_time_s": self.train_time_s, "examples": self.examples, "tokens": self.tokens,
-                "history": self.history}
+                "history": self.history, "scaler": self.scaler}
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -71,8 +73,11 @@ def has_checkpoint(folder: Path) -> bool:
 
 
 def save_checkpoint(folder: Path, *, peft: Peft, optimizer: torch.optim.Optimizer, state: TrainState,
-                    config: dict[str, Any]) -> None:
-    """Write a checkpoint of the adapter, the optimizer, the RNG and ``state`` to ``folder``, atomically."""
+                    config: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write a checkpoint of the adapter, the optimizer (AdamW's or bitsandbytes' 8-bit state), the RNG, the
+    gradient scaler and ``state`` to ``folder``, atomically."""
+    if scaler is not None:
+        state.scaler = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float, bool))}
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
@@ -111,7 +116,13 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
             if saved.get(k) != current.get(k)]
 
 
-def restore_checkpoint(folder: Path, meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> TrainState:
+#: Optimizer state tensors shaped like their parameter (AdamW's moments, 8-bit AdamW's quantized moments); the
+#: others (8-bit AdamW's quantization maps and block scales) have shapes of their own.
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "state1", "state2")
+
+
+def restore_checkpoint(folder: Path, meta: dict[str, Any], optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Load the optimizer state and the torch RNG state of a checkpoint; return its :class:`TrainState`.
 
     The adapter itself is loaded separately, with :func:`unipeft.load_adapter` on ``folder / "adapter"``, before the
@@ -133,14 +144,17 @@ def restore_checkpoint(folder: Path, meta: dict[str, Any], optimizer: torch.opti
         if index >= len(params):
             raise ValueError(f"checkpoint has optimizer state for parameter {index}; the model has {len(params)}")
         for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+            if name in _PARAM_SHAPED and value.shape != params[index].shape:
                 raise ValueError(f"checkpoint optimizer tensor {name} of parameter {index} has shape "
                                  f"{tuple(value.shape)}; the parameter has {tuple(params[index].shape)}")
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+    saved_scaler = meta.get("scaler") or {}
+    if scaler is not None and scaler.is_enabled() and saved_scaler:
+        scaler.load_state_dict(saved_scaler)
     return TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"],
                       train_time_s=meta["train_time_s"], examples=meta["examples"], tokens=meta["tokens"],
-                      history=meta["history"])
+                      history=meta["history"], scaler=saved_scaler)
 
 
 __all__ = ["TrainState", "has_checkpoint", "save_checkpoint", "read_checkpoint_meta", "restore_checkpoint",

@@ -27,6 +27,9 @@ from unipeft.core.recipe import builtin_recipe_names
 from unipeft.util.files import read_mapping
 from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
+from unipeft.models.load import QUANTIZATIONS
+from unipeft.train.optim import check_optimizer
+from unipeft.train.precision import PRECISIONS, Precision, check_device
 
 Scheduler = Literal["linear", "cosine", "constant"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
@@ -117,6 +120,22 @@ class TrainConfig:
         eval_limit: use only the first N evaluation rows.
         threads: CPU threads for torch (None: all cores).
         progress: show a progress bar on stderr.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast, the frozen base stored in that dtype, the trainable
+            tensors in float32; fp16 with a gradient scaler), or ``auto``: decided by the device's capability
+            (:mod:`unipeft.train.precision`).
+        grad_accum_steps: split each step's ``batch_size`` examples into this many micro-batches whose gradients
+            add up (the same update as one batch, to rounding, in less activation memory).
+        gradient_checkpointing: recompute the base's activations in the backward instead of storing them.
+        quantization: ``nf4`` / ``fp4`` (4-bit QLoRA base) or ``int8`` to load the base's linear layers quantized
+            with bitsandbytes (compute in the run's precision); None: no quantization.
+        double_quant: with a 4-bit base, quantize the quantization constants too (QLoRA's double quantization).
+        optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes' block-wise 8-bit AdamW), or ``paged_adamw_8bit`` /
+            ``paged_adamw`` (CUDA only).
+        packing: causal-LM tasks: pack each step's examples several to a row (per-example positions, no example
+            sees another) instead of padding each to the longest.
+        loss_chunk: causal-LM tasks: vocabulary rows per chunk of the LM head, which runs only at labelled
+            positions (None: the whole vocabulary at once).
     """
 
     model: str = "minilm"
@@ -145,6 +164,15 @@ class TrainConfig:
     eval_limit: int | None = None
     threads: int | None = None
     progress: bool = True
+    device: str = "auto"
+    precision: Precision = "fp32"
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    quantization: str | None = None
+    double_quant: bool = True
+    optimizer: str = "adamw"
+    packing: bool = False
+    loss_chunk: int | None = 8192
 
     def __post_init__(self) -> None:
         if self.jsonl is None and self.task not in TASKS:
@@ -156,7 +184,14 @@ class TrainConfig:
         if not self.method.endswith((".yaml", ".yml", ".json")) and self.method not in builtin_recipe_names():
             raise ValueError(f"unknown method {self.method!r}; built-in recipes: {', '.join(builtin_recipe_names())} "
                              "(or give a .yaml/.json recipe file)")
-        for key in ("group_by_length", "resume", "progress"):
+        check_device(self.device)
+        check_optimizer(self.optimizer)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)} "
+                             "or null")
+        for key in ("group_by_length", "resume", "progress", "gradient_checkpointing", "double_quant", "packing"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.scheduler not in SCHEDULERS:
@@ -164,10 +199,13 @@ class TrainConfig:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
                     "max_length": self.max_length, "max_steps": self.max_steps, "eval_every": self.eval_every,
                     "save_every": self.save_every, "train_limit": self.train_limit, "eval_limit": self.eval_limit,
-                    "threads": self.threads}
+                    "threads": self.threads, "grad_accum_steps": self.grad_accum_steps,
+                    "loss_chunk": self.loss_chunk}
         for key, value in positive.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive integer{' or null' if key != 'epochs' else ''}, "
+            nullable = key not in ("epochs", "grad_accum_steps")
+            if (value is not None or not nullable) and (isinstance(value, bool) or not isinstance(value, int)
+                                                        or value < 1):
+                raise ValueError(f"{key} must be a positive integer{' or null' if nullable else ''}, "
                                  f"got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
@@ -179,7 +217,16 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not isinstance(self.method_options, Mapping):
             raise ValueError(f"method_options must be a mapping such as {{r: 16}}, got {self.method_options!r}")
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size "
+                             f"({self.batch_size}): every micro-batch needs an example")
+        if self.packing and self.task_kind() not in ("causal_lm", "generation"):
+            raise ValueError(f"packing is for causal-LM tasks (kind causal_lm or generation); task {self.task!r} "
+                             f"is {self.task_kind()}")
 
+    def task_kind(self) -> str:
+        """The kind of the task (``classification``, ``regression``, ``causal_lm`` or ``generation``)."""
+        return self.jsonl.kind if self.jsonl is not None else TASKS[self.task].kind
     def task_spec(self) -> TaskSpec:
         """The task to train on: the user JSONL task, or the built-in one."""
         return self.jsonl.spec(self.task) if self.jsonl is not None else get_task(self.task)

@@ -29,6 +29,12 @@ def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
     return 0 if found is None else int(found)
 
 
+def _on(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The batch on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def evaluate(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, Any]], batch_size: int, *,
              pad_token_id: int | None = None) -> dict[str, float]:
     """Evaluate ``model`` on encoded ``examples`` of ``task`` in inference mode, then put it back in training mode
@@ -71,7 +77,7 @@ def _labelled(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, 
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         idx = [int(i) for i in order[start:start + batch_size]]
-        batch = collate([examples[i] for i in idx], pad)
+        batch = _on(collate([examples[i] for i in idx], pad), model)
         out = model(**batch)
         loss_sum += float(out.loss) * len(idx)
         logits = out.logits.float().cpu().numpy()  # (B, num_labels)
@@ -88,7 +94,7 @@ def _causal_lm(model: nn.Module, examples: Sequence[Mapping[str, Any]], order: n
                pad: int) -> dict[str, float]:
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[int(i)] for i in order[start:start + batch_size]], pad)
+        batch = _on(collate([examples[int(i)] for i in order[start:start + batch_size]], pad), model)
         labels = batch.pop("labels")  # (B, T)
         logits = model(**batch).logits  # (B, T, V)
         shifted = labels[:, 1:]  # token t is predicted at position t-1

@@ -60,13 +60,16 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_ne
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = [int(i) for i in order[start:start + batch_size]]
                 longest = max(len(encoded[i]) for i in idx)
-                ids = torch.tensor([[pad] * (longest - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
-                mask = torch.tensor([[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+                ids = torch.tensor([[pad] * (longest - len(encoded[i])) + encoded[i] for i in idx],
+                                   device=device)  # (B, T)
+                mask = torch.tensor([[0] * (longest - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
+                                    device=device)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, num_beams=1, pad_token_id=pad)  # (B, T + new)
                 for row, i in enumerate(idx):

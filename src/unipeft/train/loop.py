@@ -47,9 +47,12 @@ from unipeft.train.checkpoint import (
 from unipeft.train.config import TrainConfig
 from unipeft.train.evaluate import evaluate
 from unipeft.train.generation import evaluate_generation
-from unipeft.train.report import peak_rss_mib, plot_curves, write_json
+from unipeft.train.optim import make_optimizer as build_optimizer
+from unipeft.train.precision import DTYPES, autocast, keep_trainable_fp32, resolve_device, resolve_precision
+from unipeft.train.report import peak_memory_mib, plot_curves, write_json
 from unipeft.train.sampling import epoch_plan
 from unipeft.train.schedule import lr_factor, warmup_steps
+from unipeft.train.step import Stepper, to_device
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class TrainResult:
         train_time_s: seconds in training steps (evaluation and loading excluded), over all resumed parts.
         wall_time_s: seconds of this call of :func:`train`, loading and evaluation included.
         peak_rss_mib: the process's peak resident memory.
+        peak_device_mib: the peak memory allocated on the CUDA device (None on a CPU).
+        device: where it trained.
+        precision: the precision it trained in (``auto`` resolved).
         output_dir: the run's folder.
         adapter_dir: the saved adapter.
     """
@@ -83,6 +89,9 @@ class TrainResult:
     train_time_s: float
     wall_time_s: float
     peak_rss_mib: float
+    peak_device_mib: float | None
+    device: str
+    precision: str
     output_dir: Path
     adapter_dir: Path
 
@@ -116,11 +125,10 @@ def model_kind(task: TaskSpec) -> tuple[str, int | None]:
     return kind, (task.num_labels if task.kind == "classification" else None)
 
 
-def make_optimizer(peft: Peft, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, without weight decay on biases and norm weights (1-D tensors)."""
-    params = peft.trainable_parameters()
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=config.lr)
+def make_optimizer(peft: Peft, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The config's optimizer over the trainable parameters, without weight decay on biases and norm weights."""
+    return build_optimizer(peft.trainable_parameters(), config.optimizer, lr=config.lr,
+                           weight_decay=config.weight_decay, device=device)
 
 
 def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | None:
@@ -140,22 +148,6 @@ def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | N
         raise ValueError(f"cannot resume from {ckpt}: the config changed ({'; '.join(problems)}); "
                          "set resume=false to start over, or use another output_dir")
     return meta
-
-
-def _step(peft: Peft, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-          max_grad_norm: float | None, step: int, total: int) -> tuple[float, bool]:
-    """Optimizer step ``step`` (1-based) on ``batch``; returns the task loss and whether the trainable tensors were
-    replaced (then the optimizer must be rebuilt). The forms' training contract: their regularisers join the loss,
-    and ``peft.on_step`` runs after the update, while the gradients are still there (AdaLoRA scores its singular
-    values with them)."""
-    loss = peft.model(**batch).loss
-    (loss + peft.loss_term()).backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-    optimizer.step()
-    replaced = peft.on_step(step, total)
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach().item(), replaced
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -187,13 +179,24 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     meta = _checkpoint_to_resume(ckpt, config)
 
     seed_everything(config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     kind, num_labels = model_kind(task)
-    model, tokenizer = load_model(config.model, kind=kind, num_labels=num_labels, seed=config.seed)  # type: ignore
+    model, tokenizer = load_model(config.model, kind=kind, num_labels=num_labels, seed=config.seed,  # type: ignore
+                                  dtype=DTYPES[precision], quantization=config.quantization,
+                                  double_quant=config.double_quant)
+    if config.quantization is None:
+        model.to(device)
     recipe = recipe_for(config, task)
     if meta is not None:
         peft = unipeft.load_adapter(model, ckpt / ADAPTER_DIR, name=ADAPTER_NAME)
     else:
         peft = unipeft.attach(model, recipe, name=ADAPTER_NAME)
+    keep_trainable_fp32(peft.trainable_parameters())
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     summary = peft.summary()
     log.info("%s on %s with %s\n%s", config.model, task.name, recipe.name, summary)
 
@@ -212,11 +215,15 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
 
     pad_id = tokenizer.pad_token_id
     if meta is None and peft.needs_prepare():  # FishMask chooses its entries on the first training batches
-        peft.prepare(collate([train_set[int(i)] for i in b], pad_id) for b in plan_for(0)[:PREPARE_BATCHES])
-    optimizer = make_optimizer(peft, config)
+        peft.prepare(to_device(collate([train_set[int(i)] for i in b], pad_id), device)
+                     for b in plan_for(0)[:PREPARE_BATCHES])
+    optimizer = make_optimizer(peft, config, device)
+    stepper = Stepper(peft=peft, device=device, precision=precision, causal=task.kind in ("causal_lm", "generation"),
+                      pad_id=pad_id, grad_accum_steps=config.grad_accum_steps, packing=config.packing,
+                      capacity=config.max_length, loss_chunk=config.loss_chunk, max_grad_norm=config.max_grad_norm)
     state = TrainState()
     if meta is not None:
-        state = restore_checkpoint(ckpt, meta, optimizer)
+        state = restore_checkpoint(ckpt, meta, optimizer, stepper.scaler)
         optimizer.param_groups[0]["weight_decay"] = config.weight_decay
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
                  state.batch_in_epoch)
@@ -225,16 +232,18 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     generations: list[dict[str, Any]] = []
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
-        if task.kind == "generation":
-            scores, generations[:] = evaluate_generation(model, tokenizer, task, eval_rows, config.eval_batch_size)
-            metrics = {**scores, **metrics}
+        with autocast(device, precision):
+            metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
+            if task.kind == "generation":
+                scores, generations[:] = evaluate_generation(model, tokenizer, task, eval_rows,
+                                                             config.eval_batch_size)
+                metrics = {**scores, **metrics}
         state.history["eval"].append({"step": state.step, **metrics})
         log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    log.info("training %d steps (%d batches per epoch of %d examples, warm-up %d) on %d threads", total,
-             per_epoch, len(train_set), warmup, torch.get_num_threads())
+    log.info("training %d steps (%d batches per epoch of %d examples, warm-up %d) on %s in %s, %d threads", total,
+             per_epoch, len(train_set), warmup, device, precision, torch.get_num_threads())
     log_every = max(1, total // 20)  # without a progress bar, log the loss 20 times per run
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=f"{task.name}/{recipe.name}", unit="step",
@@ -244,31 +253,34 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
             plan = plan_for(state.epoch)
             while state.batch_in_epoch < len(plan) and state.step < total:
                 indices = plan[state.batch_in_epoch]
-                batch = collate([train_set[int(i)] for i in indices], pad_id)
+                examples = [train_set[int(i)] for i in indices]
                 lr = config.lr * lr_factor(state.step, total_steps=total, warmup=warmup, scheduler=config.scheduler)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 start = time.perf_counter()
-                value, replaced = _step(peft, batch, optimizer, config.max_grad_norm, state.step + 1, total)
+                value, replaced = stepper.step(examples, optimizer, state.step + 1, total)
                 if replaced:
-                    optimizer = make_optimizer(peft, config)
+                    optimizer = make_optimizer(peft, config, device)
                 state.train_time_s += time.perf_counter() - start
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.examples += len(indices)
-                state.tokens += int(batch["attention_mask"].sum())
+                state.tokens += sum(len(e["input_ids"]) for e in examples)
                 state.history["train"].append({"step": state.step, "loss": value, "lr": lr})
                 if on_step is not None:
                     on_step(state.step, value)
                 if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
                     last_eval = run_eval()
                 if config.save_every and state.step % config.save_every == 0 and state.step < total:
-                    save_checkpoint(ckpt, peft=peft, optimizer=optimizer, state=state, config=plain_config)
+                    save_checkpoint(ckpt, peft=peft, optimizer=optimizer, state=state, config=plain_config,
+                                    scaler=stepper.scaler)
                     log.info("checkpoint at step %d -> %s", state.step, ckpt)
                 if not config.progress and state.step % log_every == 0:
                     log.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", state.step, total, value, lr,
                              state.train_time_s / state.step)
-                postfix = {"loss": f"{value:.4f}", "lr": f"{lr:.2e}"}
+                postfix = {"loss": f"{value:.4f}", "lr": f"{lr:.2e}",
+                           "tok/s": f"{state.tokens / max(state.train_time_s, 1e-9):,.0f}",
+                           "mem": f"{peak_memory_mib(device):,.0f}MiB"}
                 if main in last_eval:
                     postfix[main] = f"{last_eval[main]:.4f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -282,11 +294,12 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     final = run_eval()
     adapter_dir = peft.save(out / "adapter", ADAPTER_NAME)
     summary = peft.summary()  # after training: sparse methods may have pruned to their budget
-    peak = peak_rss_mib()
     result = TrainResult(metrics=final, main_metric=main, steps=state.step, trainable_params=summary.trainable,
                          total_params=summary.total, trainable_percent=summary.percent,
                          train_time_s=state.train_time_s, wall_time_s=time.perf_counter() - started,
-                         peak_rss_mib=peak, output_dir=out, adapter_dir=adapter_dir)
+                         peak_rss_mib=peak_memory_mib(torch.device("cpu")),
+                         peak_device_mib=peak_memory_mib(device) if device.type == "cuda" else None,
+                         device=str(device), precision=precision, output_dir=out, adapter_dir=adapter_dir)
     _write_outputs(result, state, config, task, recipe, per_epoch)
     if generations:
         write_json(out / "generations.json", generations)
@@ -306,7 +319,8 @@ def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, 
         "wall_time_s": result.wall_time_s,
         "throughput": {"steps_per_s": state.step / seconds, "examples_per_s": state.examples / seconds,
                        "tokens_per_s": state.tokens / seconds},
-        "peak_rss_mib": result.peak_rss_mib, "threads": torch.get_num_threads(),
+        "peak_rss_mib": result.peak_rss_mib, "peak_device_mib": result.peak_device_mib, "device": result.device,
+        "precision": result.precision, "threads": torch.get_num_threads(),
         "adapter_dir": str(result.adapter_dir), "recipe": recipe.to_dict(), "config": config.to_dict(),
     }
     write_json(result.output_dir / "metrics.json", metrics)

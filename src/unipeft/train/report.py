@@ -18,6 +18,16 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def peak_memory_mib(device: "torch.device") -> float:
+    """The peak memory so far: allocated on a CUDA device (``torch.cuda.max_memory_allocated``), else the process's
+    peak RSS, in MiB."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
+
+
 def _finite(value: Any) -> Any:
     """JSON has no inf/nan: write them as strings."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -1,0 +1,112 @@
+"""One optimizer step: the batch split into micro-batches, each micro-batch's loss weighted so that the gradients add
+up to the gradient of the whole batch's mean loss, under autocast, with fp16's gradient scaler.
+
+The mean is over the loss's units: examples for a labelled task, labelled tokens (after the shift) for a causal LM.
+A micro-batch with n of the batch's N units contributes (its mean loss) · n / N, so accumulating over micro-batches
+gives the one-batch update to rounding, whatever the split (and packed rows the unpacked ones: the same units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unipeft.data import IGNORE_INDEX, collate
+from unipeft.peft import Peft
+from unipeft.train.lm_loss import causal_lm_loss_sum
+from unipeft.train.packing import pack
+from unipeft.train.precision import autocast
+
+
+def loss_units(example: Mapping[str, Any]) -> int:
+    """What one example adds to the denominator of the batch's mean loss: 1 for a labelled example, its labelled
+    tokens after the shift for a causal-LM example."""
+    labels = example["labels"]
+    if isinstance(labels, (list, tuple)):
+        return sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+    return 1
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass(kw_only=True)
+class Stepper:
+    """Runs optimizer steps for one run (see the module docstring).
+
+    Attributes:
+        peft: the adapted model's handle.
+        device: where the model is.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        causal: whether the task is a causal LM (the loss is taken over labelled tokens, the head only there).
+        pad_id: the padding token.
+        grad_accum_steps: micro-batches per step.
+        packing: pack causal-LM micro-batches (:func:`unipeft.train.packing.pack`) into rows of ``capacity``.
+        capacity: tokens per packed row.
+        loss_chunk: vocabulary rows per chunk of the LM head (None: all at once).
+        max_grad_norm: gradient clipping (None: none).
+    """
+
+    peft: Peft
+    device: torch.device
+    precision: str
+    causal: bool
+    pad_id: int
+    grad_accum_steps: int = 1
+    packing: bool = False
+    capacity: int = 512
+    loss_chunk: int | None = 8192
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def batch(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """The tensors of a micro-batch, on the device."""
+        made = pack(examples, self.pad_id, self.capacity) if self.packing else collate(examples, self.pad_id)
+        return to_device(made, self.device)
+
+    def loss_sum(self, model: nn.Module, batch: Mapping[str, torch.Tensor], units: int) -> torch.Tensor:
+        """The micro-batch's summed loss (its mean loss times its ``units``)."""
+        if self.causal:
+            return causal_lm_loss_sum(model, batch, chunk=self.loss_chunk)
+        return model(**batch).loss * units
+
+    def step(self, examples: Sequence[Mapping[str, Any]], optimizer: torch.optim.Optimizer, step: int,
+             total: int) -> tuple[float, bool]:
+        """Optimizer step ``step`` (1-based) of ``total`` on ``examples``; returns the batch's mean task loss and
+        whether the trainable tensors were replaced (then the optimizer must be rebuilt). The forms' training
+        contract: their regularisers join the loss once per step, and ``peft.on_step`` runs after the update, while
+        the gradients are still there (AdaLoRA scores its singular values with them)."""
+        model = self.peft.model
+        units = [loss_units(e) for e in examples]
+        total_units = max(1, sum(units))
+        parts = [p for p in np.array_split(np.arange(len(examples)), self.grad_accum_steps) if len(p)]
+        loss_value = 0.0
+        for k, part in enumerate(parts):
+            micro = [examples[int(i)] for i in part]
+            n = sum(units[int(i)] for i in part)
+            with autocast(self.device, self.precision):
+                loss = self.loss_sum(model, self.batch(micro), n) / total_units
+                objective = loss + self.peft.loss_term() if k == 0 else loss
+            self.scaler.scale(objective).backward()
+            loss_value += float(loss.detach())
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           self.max_grad_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        replaced = self.peft.on_step(step, total)
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, replaced
+
+
+__all__ = ["Stepper", "loss_units", "to_device"]
