@@ -130,3 +130,35 @@ def test_causal_lm(tmp_path, tiny_llama_folder):
                           train_limit=16, eval_limit=8))
     assert set(result.metrics) == {"perplexity", "loss"} and result.metrics["perplexity"] > 1
     assert result.trainable_params == 2 * (8 * 32 + 32 * 8) + 2 * (8 * 32 + 16 * 8)  # q: 32->32, v: 32->16 (GQA)
+
+
+def test_qlora_from_the_config_resumes_exactly(tmp_path, tiny_llama_folder):
+    """NF4 base with double quantization, 8-bit AdamW, packing and accumulation from the config: it trains, and a
+    crash resumes on the same trajectory (the 8-bit optimizer state round-trips through the checkpoint)."""
+    small = dict(model=tiny_llama_folder, task="alpaca", max_steps=4, max_length=64, train_limit=16, eval_limit=8,
+                 quantization="nf4", optimizer="adamw_8bit", packing=True, grad_accum_steps=2, save_every=2,
+                 method_options={"r": 64, "positions": ["attn.q", "attn.v", "ffn.up"]})
+    straight = train(config(tmp_path / "straight", **small))
+    assert straight.metrics["loss"] > 0 and straight.precision == "fp32" and straight.device == "cpu"
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert metrics["throughput"]["tokens_per_s"] > 0 and metrics["config"]["quantization"] == "nf4"
+    with pytest.raises(Crash):
+        train(config(tmp_path / "crashed", **small), on_step=crash_at(3))
+    resumed = train(config(tmp_path / "crashed", **small))
+    a, b = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"precision": "fp8"}, r"unknown precision 'fp8'; valid: auto, fp32, bf16, fp16"),
+    ({"device": "tpu"}, r"unknown device 'tpu'"),
+    ({"optimizer": "lion"}, r"unknown optimizer 'lion'"),
+    ({"quantization": "int4"}, r"unknown quantization 'int4'; valid: nf4, fp4, int8"),
+    ({"packing": True}, r"packing is for causal-LM tasks .* 'sst2' is classification"),
+    ({"grad_accum_steps": 9}, r"grad_accum_steps \(9\) cannot exceed batch_size \(8\)"),
+    ({"grad_accum_steps": None}, r"grad_accum_steps must be a positive integer, got None"),
+    ({"gradient_checkpointing": "yes"}, r"gradient_checkpointing must be true or false"),
+])
+def test_scaling_keys_are_checked(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **bad)

@@ -82,9 +82,9 @@ def save_checkpoint(folder: Path, *, peft: Peft, optimizer: torch.optim.Optimize
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in opt["state"].items():
-        for key, value in entry.items():
+        for key, value in _flat(entry):
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().clone()  # own storage: no sharing
             else:
                 scalars.setdefault(str(index), {})[key] = value
     meta = {"format": FORMAT, "unipeft_version": unipeft.__version__, **state.to_dict(),
@@ -96,6 +96,30 @@ def save_checkpoint(folder: Path, *, peft: Peft, optimizer: torch.optim.Optimize
         (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     atomic_write_dir(folder, write)
+
+
+def _flat(entry: dict[str, Any]) -> list[tuple[str, Any]]:
+    """An optimizer state entry's values with nested dicts flattened to ``outer/inner`` keys (bitsandbytes keeps its
+    8-bit state under ``__bnb_optimizer_quant_state__``)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            out += [(f"{key}/{k}", v) for k, v in value.items()]
+        else:
+            out.append((key, value))
+    return out
+
+
+def _nest(entry: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_flat`."""
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        outer, sep, inner = key.partition("/")
+        if sep:
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
 
 
 def read_checkpoint_meta(folder: Path) -> dict[str, Any]:
@@ -144,9 +168,10 @@ def restore_checkpoint(folder: Path, meta: dict[str, Any], optimizer: torch.opti
         if index >= len(params):
             raise ValueError(f"checkpoint has optimizer state for parameter {index}; the model has {len(params)}")
         for name, value in values.items():
-            if name in _PARAM_SHAPED and value.shape != params[index].shape:
+            if name.rpartition("/")[2] in _PARAM_SHAPED and value.shape != params[index].shape:
                 raise ValueError(f"checkpoint optimizer tensor {name} of parameter {index} has shape "
                                  f"{tuple(value.shape)}; the parameter has {tuple(params[index].shape)}")
+    state = {index: _nest(values) for index, values in state.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     saved_scaler = meta.get("scaler") or {}

@@ -133,6 +133,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor], *,
     rows at a time (``None``: all at once). A model whose head cannot be split off (see :func:`_plain_head`) runs
     whole, with its full logits."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs["use_cache"] = False  # a cache would also hide packed rows' example boundaries from the mask
     labels = batch["labels"]
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
