@@ -45,6 +45,7 @@ from unipeft.train.checkpoint import (
     save_checkpoint,
 )
 from unipeft.train.config import TrainConfig
+from unipeft.train.distributed import Strategy, closing, launched, strategy
 from unipeft.train.evaluate import evaluate
 from unipeft.train.generation import evaluate_generation
 from unipeft.train.optim import make_optimizer as build_optimizer
@@ -74,6 +75,7 @@ class TrainResult:
         wall_time_s: seconds of this call of :func:`train`, loading and evaluation included.
         peak_rss_mib: the process's peak resident memory.
         peak_device_mib: the peak memory allocated on the CUDA device (None on a CPU).
+        tokens_per_s: training tokens (padding excluded) per second of training steps, over all ranks.
         device: where it trained.
         precision: the precision it trained in (``auto`` resolved).
         output_dir: the run's folder.
@@ -90,6 +92,7 @@ class TrainResult:
     wall_time_s: float
     peak_rss_mib: float
     peak_device_mib: float | None
+    tokens_per_s: float
     device: str
     precision: str
     output_dir: Path
@@ -163,14 +166,16 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
         FileNotFoundError: for missing data or model files.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
+    torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // per_node))
     try:
-        return _train(config, on_step)
+        with closing(strategy()) as strat:
+            return _train(config, on_step, strat)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) -> TrainResult:
+def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, strat: Strategy) -> TrainResult:
     started = time.perf_counter()
     task = config.task_spec()
     out = Path(config.output_dir)
@@ -179,7 +184,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     meta = _checkpoint_to_resume(ckpt, config)
 
     seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = strat.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     kind, num_labels = model_kind(task)
     model, tokenizer = load_model(config.model, kind=kind, num_labels=num_labels, seed=config.seed,  # type: ignore
@@ -220,7 +225,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     optimizer = make_optimizer(peft, config, device)
     stepper = Stepper(peft=peft, device=device, precision=precision, causal=task.kind in ("causal_lm", "generation"),
                       pad_id=pad_id, grad_accum_steps=config.grad_accum_steps, packing=config.packing,
-                      capacity=config.max_length, loss_chunk=config.loss_chunk, max_grad_norm=config.max_grad_norm)
+                      capacity=config.max_length, loss_chunk=config.loss_chunk, max_grad_norm=config.max_grad_norm,
+                      strategy=strat)
     state = TrainState()
     if meta is not None:
         state = restore_checkpoint(ckpt, meta, optimizer, stepper.scaler)
@@ -232,14 +238,19 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     generations: list[dict[str, Any]] = []
 
     def run_eval() -> dict[str, float]:
+        """Rank 0 evaluates (the whole evaluation set); every rank gets its metrics."""
+        metrics = strat.broadcast(evaluate_here() if strat.is_main else None)
+        state.history["eval"].append({"step": state.step, **metrics})
+        log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def evaluate_here() -> dict[str, float]:
         with autocast(device, precision):
             metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
             if task.kind == "generation":
                 scores, generations[:] = evaluate_generation(model, tokenizer, task, eval_rows,
                                                              config.eval_batch_size)
                 metrics = {**scores, **metrics}
-        state.history["eval"].append({"step": state.step, **metrics})
-        log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     log.info("training %d steps (%d batches per epoch of %d examples, warm-up %d) on %s in %s, %d threads", total,
@@ -247,7 +258,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
     log_every = max(1, total // 20)  # without a progress bar, log the loss 20 times per run
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=f"{task.name}/{recipe.name}", unit="step",
-               disable=not config.progress, dynamic_ncols=True, mininterval=1.0)
+               disable=not config.progress or not strat.is_main, dynamic_ncols=True, mininterval=1.0)
     try:
         while state.step < total:
             plan = plan_for(state.epoch)
@@ -261,6 +272,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                 value, replaced = stepper.step(examples, optimizer, state.step + 1, total)
                 if replaced:
                     optimizer = make_optimizer(peft, config, device)
+                    stepper.rewrap()
                 state.train_time_s += time.perf_counter() - start
                 state.step += 1
                 state.batch_in_epoch += 1
@@ -272,9 +284,11 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
                 if config.eval_every and state.step % config.eval_every == 0 and state.step < total:
                     last_eval = run_eval()
                 if config.save_every and state.step % config.save_every == 0 and state.step < total:
-                    save_checkpoint(ckpt, peft=peft, optimizer=optimizer, state=state, config=plain_config,
-                                    scaler=stepper.scaler)
-                    log.info("checkpoint at step %d -> %s", state.step, ckpt)
+                    if strat.is_main:
+                        save_checkpoint(ckpt, peft=peft, optimizer=optimizer, state=state, config=plain_config,
+                                        scaler=stepper.scaler)
+                        log.info("checkpoint at step %d -> %s", state.step, ckpt)
+                    strat.barrier()
                 if not config.progress and state.step % log_every == 0:
                     log.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", state.step, total, value, lr,
                              state.train_time_s / state.step)
@@ -292,24 +306,29 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None) ->
         bar.close()
 
     final = run_eval()
-    adapter_dir = peft.save(out / "adapter", ADAPTER_NAME)
+    adapter_dir = out / "adapter"
+    if strat.is_main:
+        peft.save(adapter_dir, ADAPTER_NAME)
     summary = peft.summary()  # after training: sparse methods may have pruned to their budget
     result = TrainResult(metrics=final, main_metric=main, steps=state.step, trainable_params=summary.trainable,
                          total_params=summary.total, trainable_percent=summary.percent,
                          train_time_s=state.train_time_s, wall_time_s=time.perf_counter() - started,
                          peak_rss_mib=peak_memory_mib(torch.device("cpu")),
                          peak_device_mib=peak_memory_mib(device) if device.type == "cuda" else None,
+                         tokens_per_s=state.tokens / max(state.train_time_s, 1e-9),
                          device=str(device), precision=precision, output_dir=out, adapter_dir=adapter_dir)
-    _write_outputs(result, state, config, task, recipe, per_epoch)
-    if generations:
-        write_json(out / "generations.json", generations)
-    if has_checkpoint(ckpt):
-        shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete; its outputs replace the checkpoint
+    if strat.is_main:
+        _write_outputs(result, state, config, task, recipe, per_epoch, strat.world_size)
+        if generations:
+            write_json(out / "generations.json", generations)
+        if has_checkpoint(ckpt):
+            shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete; its outputs replace the checkpoint
+    strat.barrier()
     return result
 
 
 def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, task: TaskSpec,
-                   recipe: Recipe, per_epoch: int) -> None:
+                   recipe: Recipe, per_epoch: int, world_size: int) -> None:
     seconds = max(state.train_time_s, 1e-9)
     metrics: dict[str, Any] = {
         "model": config.model, "task": task.name, "method": recipe.name, "main_metric": result.main_metric,
@@ -320,7 +339,7 @@ def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, 
         "throughput": {"steps_per_s": state.step / seconds, "examples_per_s": state.examples / seconds,
                        "tokens_per_s": state.tokens / seconds},
         "peak_rss_mib": result.peak_rss_mib, "peak_device_mib": result.peak_device_mib, "device": result.device,
-        "precision": result.precision, "threads": torch.get_num_threads(),
+        "precision": result.precision, "world_size": world_size, "threads": torch.get_num_threads(),
         "adapter_dir": str(result.adapter_dir), "recipe": recipe.to_dict(), "config": config.to_dict(),
     }
     write_json(result.output_dir / "metrics.json", metrics)

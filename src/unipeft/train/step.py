@@ -9,6 +9,7 @@ gives the one-batch update to rounding, whatever the split (and packed rows the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from unipeft.data import IGNORE_INDEX, collate
 from unipeft.peft import Peft
+from unipeft.train.distributed import LossModule, Strategy
 from unipeft.train.lm_loss import causal_lm_loss_sum
 from unipeft.train.packing import pack
 from unipeft.train.precision import autocast
@@ -52,6 +54,8 @@ class Stepper:
         capacity: tokens per packed row.
         loss_chunk: vocabulary rows per chunk of the LM head (None: all at once).
         max_grad_norm: gradient clipping (None: none).
+        strategy: one process, or DDP (:mod:`unipeft.train.distributed`): this rank's share of each batch, the
+            loss weighted so that the ranks' averaged gradient is the global batch's.
     """
 
     peft: Peft
@@ -64,9 +68,15 @@ class Stepper:
     capacity: int = 512
     loss_chunk: int | None = 8192
     max_grad_norm: float | None = None
+    strategy: Strategy = dataclasses.field(default_factory=Strategy)
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.rewrap()
+
+    def rewrap(self) -> None:
+        """(Re)build the module the loss runs through, after the trainable tensors were replaced."""
+        self.module = self.strategy.wrap(LossModule(self.peft.model, self.loss_sum))
 
     def batch(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """The tensors of a micro-batch, on the device."""
@@ -85,19 +95,21 @@ class Stepper:
         whether the trainable tensors were replaced (then the optimizer must be rebuilt). The forms' training
         contract: their regularisers join the loss once per step, and ``peft.on_step`` runs after the update, while
         the gradients are still there (AdaLoRA scores its singular values with them)."""
-        model = self.peft.model
         units = [loss_units(e) for e in examples]
-        total_units = max(1, sum(units))
-        parts = [p for p in np.array_split(np.arange(len(examples)), self.grad_accum_steps) if len(p)]
+        total_units = max(1, sum(units))  # of the global batch: every rank divides by the same count
+        mine, weight = self.strategy.share(list(range(len(examples))))
+        parts = [p for p in np.array_split(np.asarray(mine), self.grad_accum_steps) if len(p)]
         loss_value = 0.0
         for k, part in enumerate(parts):
             micro = [examples[int(i)] for i in part]
             n = sum(units[int(i)] for i in part)
-            with autocast(self.device, self.precision):
-                loss = self.loss_sum(model, self.batch(micro), n) / total_units
-                objective = loss + self.peft.loss_term() if k == 0 else loss
-            self.scaler.scale(objective).backward()
-            loss_value += float(loss.detach())
+            with self.strategy.no_sync(self.module, last=k == len(parts) - 1):
+                with autocast(self.device, self.precision):
+                    loss = self.module(self.batch(micro), n) / total_units
+                    objective = loss * weight + self.peft.loss_term() if k == 0 else loss * weight
+                self.scaler.scale(objective).backward()
+            loss_value += float(loss.detach()) if weight else 0.0
+        loss_value = self.strategy.sum(loss_value)
         if self.max_grad_norm is not None:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
