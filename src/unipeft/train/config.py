@@ -29,7 +29,7 @@ from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
 from unipeft.models.load import QUANTIZATIONS
 from unipeft.train.optim import check_optimizer
-from unipeft.train.precision import PRECISIONS, Precision, check_device
+from unipeft.train.precision import Precision, check_device, check_precision
 
 Scheduler = Literal["linear", "cosine", "constant"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
@@ -186,8 +186,7 @@ class TrainConfig:
                              "(or give a .yaml/.json recipe file)")
         check_device(self.device)
         check_optimizer(self.optimizer)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)} "
                              "or null")

@@ -59,14 +59,19 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def check_precision(spec: str) -> None:
+    """Raise a ValueError naming the valid choices unless ``spec`` is one of :data:`PRECISIONS`."""
+    if spec not in PRECISIONS:
+        raise ValueError(f"unknown precision {spec!r}; valid: {', '.join(PRECISIONS)}")
+
+
 def resolve_precision(spec: str, device: torch.device) -> str:
     """``fp32``, ``bf16`` or ``fp16``: ``spec`` itself, or the capability-based choice for ``auto``.
 
     Raises:
         ValueError: for an unknown precision.
     """
-    if spec not in PRECISIONS:
-        raise ValueError(f"unknown precision {spec!r}; valid: {', '.join(PRECISIONS)}")
+    check_precision(spec)
     if spec != "auto":
         return spec
     if native_bf16(device):
@@ -93,5 +98,5 @@ def keep_trainable_fp32(parameters: list[torch.nn.Parameter]) -> None:
             p.data = p.data.float()
 
 
-__all__ = ["PRECISIONS", "DTYPES", "check_device", "resolve_device", "native_bf16", "resolve_precision", "autocast",
+__all__ = ["PRECISIONS", "DTYPES", "check_device", "check_precision", "resolve_device", "native_bf16", "resolve_precision", "autocast",
            "grad_scaler", "keep_trainable_fp32"]

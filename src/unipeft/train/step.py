@@ -22,7 +22,7 @@ from unipeft.peft import Peft
 from unipeft.train.distributed import LossModule, Strategy
 from unipeft.train.lm_loss import causal_lm_loss_sum
 from unipeft.train.packing import pack
-from unipeft.train.precision import autocast
+from unipeft.train.precision import autocast, grad_scaler
 
 
 def loss_units(example: Mapping[str, Any]) -> int:
@@ -71,7 +71,7 @@ class Stepper:
     strategy: Strategy = dataclasses.field(default_factory=Strategy)
 
     def __post_init__(self) -> None:
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.scaler = grad_scaler(self.device, self.precision)
         self.rewrap()
 
     def rewrap(self) -> None:
