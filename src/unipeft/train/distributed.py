@@ -67,6 +67,14 @@ class Strategy:
         """Rank 0's ``value`` on every rank."""
         return value
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        return [value]
+
+    def evaluating(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """Around an evaluation that calls the model directly (not through ``module``, the wrapped loss)."""
+        return contextlib.nullcontext()
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
@@ -114,6 +122,11 @@ class DDPStrategy(Strategy):
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        box: list[Any] = [None] * self.world_size
+        dist.all_gather_object(box, value)
+        return box
 
     def barrier(self) -> None:
         dist.barrier()

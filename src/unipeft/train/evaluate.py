@@ -6,6 +6,12 @@
   (a generation task's BLEU/ROUGE come from :func:`unipeft.train.generation.evaluate_generation`).
 
 Examples are batched in order of length (the metrics do not depend on the order), so batches carry little padding.
+
+Over several ranks (``ranks``, a :class:`unipeft.train.distributed.Strategy`), each rank evaluates every
+``world_size``-th example of that order, all ranks run the same number of forward passes (a short share repeats a
+stand-in batch whose outputs are dropped, so that sharded FSDP weights are gathered in step), and the per-example
+outputs and loss sums are gathered to every rank, where the metrics are computed over the whole set: the same
+numbers as one process, to the rounding of the summation order.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipeft.data import IGNORE_INDEX, TaskSpec, collate, compute_metrics, perplexity, predictions_from_logits
+from unipeft.train.distributed import Strategy
 
 
 def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
@@ -35,8 +42,19 @@ def _on(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def shard_batches(order: Sequence[int], batch_size: int, ranks: Strategy) -> list[tuple[list[int], bool]]:
+    """This rank's batches of the indices ``order``: every ``world_size``-th index from its rank on, in batches of
+    ``batch_size``, padded with stand-in batches (``(batch, False)``: outputs to drop) to the count of the largest
+    share, so that every rank runs the same number of forward passes."""
+    share = [int(i) for i in order[ranks.rank::ranks.world_size]]
+    most = -(-len(order[0::ranks.world_size]) // batch_size)  # rank 0's share is the largest
+    batches = [(share[k:k + batch_size], True) for k in range(0, len(share), batch_size)]
+    stand_in = [int(order[0])]
+    return batches + [(stand_in, False)] * (most - len(batches))
+
+
 def evaluate(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, Any]], batch_size: int, *,
-             pad_token_id: int | None = None) -> dict[str, float]:
+             pad_token_id: int | None = None, ranks: Strategy | None = None) -> dict[str, float]:
     """Evaluate ``model`` on encoded ``examples`` of ``task`` in inference mode, then put it back in training mode
     if it was in it.
 
@@ -46,6 +64,8 @@ def evaluate(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, A
         examples: examples from :func:`unipeft.data.encode`.
         batch_size: examples per forward pass.
         pad_token_id: the padding id (default: ``model.config.pad_token_id``, else 0).
+        ranks: the ranks to share the work with (default: this process alone); every rank must call this, and every
+            rank gets the same metrics.
 
     Returns:
         ``{metric: value}`` with the task's metrics and ``loss`` (the mean loss; for causal_lm per response token).
@@ -57,50 +77,52 @@ def evaluate(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, A
         raise ValueError(f"no evaluation examples for task {task.name!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ranks = ranks or Strategy()
     pad = _pad_id(model, pad_token_id)
     order = np.argsort([len(e["input_ids"]) for e in examples], kind="stable")
+    batches = shard_batches(order, batch_size, ranks)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             if task.kind in ("causal_lm", "generation"):
-                return _causal_lm(model, examples, order, batch_size, pad)
-            return _labelled(model, task, examples, order, batch_size, pad)
+                return _causal_lm(model, examples, batches, pad, ranks)
+            return _labelled(model, task, examples, batches, pad, ranks)
     finally:
         model.train(was_training)
 
 
-def _labelled(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, Any]], order: np.ndarray,
-              batch_size: int, pad: int) -> dict[str, float]:
-    outputs: list[np.ndarray] = [np.empty(0)] * len(examples)
-    labels: list[float] = [0.0] * len(examples)
+def _labelled(model: nn.Module, task: TaskSpec, examples: Sequence[Mapping[str, Any]],
+              batches: list[tuple[list[int], bool]], pad: int, ranks: Strategy) -> dict[str, float]:
+    mine: list[tuple[int, np.ndarray]] = []  # (example, its logits)
     loss_sum = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = [int(i) for i in order[start:start + batch_size]]
-        batch = _on(collate([examples[i] for i in idx], pad), model)
-        out = model(**batch)
-        loss_sum += float(out.loss) * len(idx)
-        logits = out.logits.float().cpu().numpy()  # (B, num_labels)
-        for row, i in enumerate(idx):
-            outputs[i] = logits[row]
-            labels[i] = examples[i]["labels"]
-    predictions = predictions_from_logits(np.stack(outputs), task.kind)  # type: ignore[arg-type]
-    metrics = compute_metrics(task.metrics, predictions, np.asarray(labels))
-    metrics["loss"] = loss_sum / len(examples)
+    for idx, real in batches:
+        out = model(**_on(collate([examples[i] for i in idx], pad), model))
+        if real:
+            loss_sum += float(out.loss) * len(idx)
+            mine += zip(idx, out.logits.float().cpu().numpy())  # (B, num_labels)
+    outputs = dict(pair for part in ranks.gather(mine) for pair in part)
+    order = sorted(outputs)
+    predictions = predictions_from_logits(np.stack([outputs[i] for i in order]), task.kind)  # type: ignore[arg-type]
+    metrics = compute_metrics(task.metrics, predictions, np.asarray([examples[i]["labels"] for i in order]))
+    metrics["loss"] = sum(ranks.gather(loss_sum)) / len(examples)
     return metrics
 
 
-def _causal_lm(model: nn.Module, examples: Sequence[Mapping[str, Any]], order: np.ndarray, batch_size: int,
-               pad: int) -> dict[str, float]:
+def _causal_lm(model: nn.Module, examples: Sequence[Mapping[str, Any]], batches: list[tuple[list[int], bool]],
+               pad: int, ranks: Strategy) -> dict[str, float]:
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = _on(collate([examples[int(i)] for i in order[start:start + batch_size]], pad), model)
+    for idx, real in batches:
+        batch = _on(collate([examples[i] for i in idx], pad), model)
         labels = batch.pop("labels")  # (B, T)
         logits = model(**batch).logits  # (B, T, V)
+        if not real:
+            continue
         shifted = labels[:, 1:]  # token t is predicted at position t-1
         total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((shifted != IGNORE_INDEX).sum())
+    total, count = (sum(parts) for parts in zip(*ranks.gather((total, count))))
     mean = total / max(1, count)
     return {"perplexity": perplexity(mean) if math.isfinite(mean) else float("inf"), "loss": mean}
 

@@ -238,19 +238,15 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, st
     generations: list[dict[str, Any]] = []
 
     def run_eval() -> dict[str, float]:
-        """Rank 0 evaluates (the whole evaluation set); every rank gets its metrics."""
-        metrics = strat.broadcast(evaluate_here() if strat.is_main else None)
-        state.history["eval"].append({"step": state.step, **metrics})
-        log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    def evaluate_here() -> dict[str, float]:
-        with autocast(device, precision):
-            metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id)
+        """Every rank evaluates its share of the evaluation set; every rank gets the metrics of the whole set."""
+        with autocast(device, precision), strat.evaluating(stepper.module):
+            metrics = evaluate(model, task, eval_set, config.eval_batch_size, pad_token_id=pad_id, ranks=strat)
             if task.kind == "generation":
                 scores, generations[:] = evaluate_generation(model, tokenizer, task, eval_rows,
-                                                             config.eval_batch_size)
+                                                             config.eval_batch_size, ranks=strat)
                 metrics = {**scores, **metrics}
+        state.history["eval"].append({"step": state.step, **metrics})
+        log.info("step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     log.info("training %d steps (%d batches per epoch of %d examples, warm-up %d) on %s in %s, %d threads", total,
