@@ -28,6 +28,7 @@ from unipeft.util.files import read_mapping
 from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
 from unipeft.models.load import QUANTIZATIONS
+from unipeft.train.distributed import check_strategy
 from unipeft.train.optim import check_optimizer
 from unipeft.train.precision import Precision, check_device, check_precision
 
@@ -136,6 +137,9 @@ class TrainConfig:
             sees another) instead of padding each to the longest.
         loss_chunk: causal-LM tasks: vocabulary rows per chunk of the LM head, which runs only at labelled
             positions (None: the whole vocabulary at once).
+        strategy: under ``torchrun`` (or ``unipeft train --nproc N``): ``ddp`` (every rank holds the whole base;
+            the adapters' gradients all-reduced) or ``fsdp`` (FSDP2: the frozen base sharded over the ranks, the
+            adapters whole; not with a quantized base). Ignored in one process.
     """
 
     model: str = "minilm"
@@ -173,6 +177,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     packing: bool = False
     loss_chunk: int | None = 8192
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.jsonl is None and self.task not in TASKS:
@@ -187,6 +192,10 @@ class TrainConfig:
         check_device(self.device)
         check_optimizer(self.optimizer)
         check_precision(self.precision)
+        check_strategy(self.strategy)
+        if self.strategy == "fsdp" and self.quantization is not None:
+            raise ValueError(f"strategy fsdp cannot shard a quantized base (quantization={self.quantization!r}): "
+                             "bitsandbytes' packed weights are not DTensors; use strategy ddp, or quantization null")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {self.quantization!r}; valid: {', '.join(QUANTIZATIONS)} "
                              "or null")

@@ -10,6 +10,15 @@ rounding). Micro-batches before the last skip the all-reduce (``no_sync``). Rank
 checkpoints hold only world-independent state, so a run resumes on any number of ranks.
 
 The backend is NCCL on CUDA devices (each rank on ``cuda:LOCAL_RANK``) and gloo on CPUs.
+
+``strategy: fsdp`` shards the frozen base instead (FSDP2, ``torch.distributed.fsdp.fully_shard``; Zhao et al., VLDB
+2023, "PyTorch FSDP"): each transformer block (the model's ``_no_split_modules``) is one FSDP unit and the rest of
+the model (embeddings, final norm, head) the root unit, so a rank holds 1/N of the base and gathers one block at a
+time. The adapters were placed before sharding (placing them after makes every rank train its own copy) and are
+left out of the sharding (``ignored_params``): every rank holds them whole, their gradients are averaged with one
+all-reduce after the backward, as DDP would, and the optimizer, the checkpoints and the saved adapter are exactly
+those of one process. A quantized base cannot be sharded (bitsandbytes' packed 4-bit and 8-bit weights are not
+DTensors): use DDP with it.
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ class Strategy:
     def no_sync(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce unless this is the step's last micro-batch."""
         return contextlib.nullcontext()
+
+    def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over ranks, where the wrapper did not already."""
 
     def sum(self, value: float) -> float:
         """``value`` summed over ranks."""
@@ -137,9 +149,67 @@ class DDPStrategy(Strategy):
             dist.destroy_process_group()
 
 
-def strategy() -> Strategy:
-    """DDP under ``torchrun``, else one process."""
-    return DDPStrategy() if launched() else Strategy()
+class FSDPStrategy(DDPStrategy):
+    """FSDP2 over ``WORLD_SIZE`` ranks: the frozen base sharded, the adapters whole (see the module docstring)."""
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        quantized = sorted({type(p).__name__ for p in module.parameters()} & {"Params4bit", "Int8Params"})
+        if quantized:
+            raise ValueError(f"strategy fsdp cannot shard a quantized base ({', '.join(quantized)} weights); "
+                             "use strategy ddp with quantization")
+        trainable = {p for p in module.parameters() if p.requires_grad}
+        blocks = set(getattr(getattr(module, "model", module), "_no_split_modules", None) or ())
+        units = [m for m in module.modules() if type(m).__name__ in blocks]
+        if not units:
+            raise ValueError(f"strategy fsdp: {type(getattr(module, 'model', module)).__name__} names no transformer "
+                             "blocks (_no_split_modules) to shard")
+        for unit in units:
+            fully_shard(unit, ignored_params=trainable)
+        fully_shard(module, ignored_params=trainable)
+        return module
+
+    def no_sync(self, module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the frozen base has no gradients to reduce-scatter
+
+    def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @contextlib.contextmanager
+    def evaluating(self, module: nn.Module) -> Iterator[None]:
+        """The root unit's weights (embeddings, head) gathered while the evaluation calls the model past the root's
+        hooks; the blocks gather their own."""
+        module.unshard()  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            module.reshard()  # type: ignore[operator]
+
+
+#: Multi-process strategies by config name.
+STRATEGIES: dict[str, type[DDPStrategy]] = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
+
+
+def check_strategy(name: str) -> None:
+    """Raise ValueError unless ``name`` is a multi-process strategy."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+
+
+def strategy(name: str = "ddp") -> Strategy:
+    """``name``'s strategy under ``torchrun``, else one process."""
+    check_strategy(name)
+    return STRATEGIES[name]() if launched() else Strategy()
 
 
 class LossModule(nn.Module):
@@ -164,4 +234,4 @@ def closing(s: Strategy) -> Iterator[Strategy]:
         s.close()
 
 
-__all__ = ["Strategy", "DDPStrategy", "strategy", "launched", "LossModule", "closing"]
+__all__ = ["Strategy", "DDPStrategy", "FSDPStrategy", "STRATEGIES", "check_strategy", "strategy", "launched", "LossModule", "closing"]

@@ -169,7 +169,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, float], None] | None =
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
     torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // per_node))
     try:
-        with closing(strategy()) as strat:
+        with closing(strategy(config.strategy)) as strat:
             return _train(config, on_step, strat)
     finally:
         torch.set_num_threads(threads)

@@ -110,6 +110,7 @@ class Stepper:
                 self.scaler.scale(objective).backward()
             loss_value += float(loss.detach()) if weight else 0.0
         loss_value = self.strategy.sum(loss_value)
+        self.strategy.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         if self.max_grad_norm is not None:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
