@@ -51,6 +51,9 @@ def test_override_list_value():
     (["lr.x=1"], r"key 'lr' has no sub-keys"),
     (["max_steps=[1"], r"not valid YAML"),
     (["jsonl.train_pth=a.jsonl"], r"unknown jsonl\.key\(s\) train_pth; valid keys: train_path"),
+    (["strategy=zero3"], r"unknown strategy 'zero3'; valid: ddp, fsdp"),
+    (["compile=turbo"], r"compile must be true, false or a torch.compile backend \(.*inductor.*got 'turbo'"),
+    (["compile=true", "strategy=fsdp"], r"compile is not supported with strategy fsdp"),
 ])
 def test_bad_values_name_the_value_and_the_choices(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -18,9 +18,9 @@ from unipeft.train.distributed import Strategy
 
 
 def run_config(tmp_path, tiny_llama_folder, data_dir, **changes) -> dict:
-    return dict(model=tiny_llama_folder, task="alpaca", max_steps=4, max_length=64, train_limit=24, eval_limit=8,
-                batch_size=6, eval_batch_size=8, lr=5e-3, threads=1, progress=False, data_dir=str(data_dir),
-                output_dir=str(tmp_path), **changes)
+    return {**dict(model=tiny_llama_folder, task="alpaca", max_steps=4, max_length=64, train_limit=24, eval_limit=8,
+                   batch_size=6, eval_batch_size=8, lr=5e-3, threads=1, progress=False, data_dir=str(data_dir),
+                   output_dir=str(tmp_path)), **changes}
 
 
 def adapter(folder) -> dict[str, torch.Tensor]:

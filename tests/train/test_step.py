@@ -85,3 +85,43 @@ def test_low_precision_keeps_fp32_masters(tiny_llama_folder, precision):
     torch.manual_seed(0)
     ref_loss, _ = one_step(lm_setup(tiny_llama_folder), examples(4))
     assert loss == pytest.approx(ref_loss, rel=0.05)
+
+
+def test_a_compiled_step_equals_the_eager_one(tiny_llama_folder):
+    """compile (here the aot_eager backend: dynamo's graph capture and AOT autograd, without inductor's C++ build)
+    gives the eager step's loss and update."""
+    from torch._dynamo.utils import counters
+
+    batch = examples(6, seed=3)
+    torch.manual_seed(0)
+    compiled = lm_setup(tiny_llama_folder)
+    counters.clear()
+    loss, params = one_step(compiled, batch, compile="aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the forward
+    torch.manual_seed(0)
+    loss_eager, params_eager = one_step(lm_setup(tiny_llama_folder), batch)
+    assert loss == pytest.approx(loss_eager, rel=1e-5)
+    for a, b in zip(params, params_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_settings_are_checked():
+    from unipeft.train.step import check_compile
+
+    check_compile(True), check_compile(False), check_compile("aot_eager")
+    with pytest.raises(ValueError, match="compile must be true, false or a torch.compile backend .*inductor.*"
+                                         "got 'turbo'"):
+        check_compile("turbo")
+
+
+@pytest.mark.slow
+def test_an_inductor_compiled_step_equals_the_eager_one(tiny_llama_folder):
+    """compile=True: inductor's generated C++ kernels, the same step to float32 rounding (slow: the C++ build)."""
+    batch = examples(6, seed=3)
+    torch.manual_seed(0)
+    loss, params = one_step(lm_setup(tiny_llama_folder), batch, compile=True)
+    torch.manual_seed(0)
+    loss_eager, params_eager = one_step(lm_setup(tiny_llama_folder), batch)
+    assert loss == pytest.approx(loss_eager, rel=1e-4)
+    for a, b in zip(params, params_eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -29,6 +29,7 @@ from unipeft.data import TASKS, TaskSpec, get_task, jsonl_task
 from unipeft.data.tasks import TASK_KINDS
 from unipeft.models.load import QUANTIZATIONS
 from unipeft.train.distributed import check_strategy
+from unipeft.train.step import check_compile
 from unipeft.train.optim import check_optimizer
 from unipeft.train.precision import Precision, check_device, check_precision
 
@@ -140,6 +141,8 @@ class TrainConfig:
         strategy: under ``torchrun`` (or ``unipeft train --nproc N``): ``ddp`` (every rank holds the whole base;
             the adapters' gradients all-reduced) or ``fsdp`` (FSDP2: the frozen base sharded over the ranks, the
             adapters whole; not with a quantized base). Ignored in one process.
+        compile: ``torch.compile`` the training forward (the model and its loss): ``true`` for the default backend
+            (inductor), a backend name (``aot_eager``, ``eager``, ...), or false. Evaluation runs uncompiled.
     """
 
     model: str = "minilm"
@@ -178,6 +181,7 @@ class TrainConfig:
     packing: bool = False
     loss_chunk: int | None = 8192
     strategy: str = "ddp"
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         if self.jsonl is None and self.task not in TASKS:
@@ -193,6 +197,10 @@ class TrainConfig:
         check_optimizer(self.optimizer)
         check_precision(self.precision)
         check_strategy(self.strategy)
+        check_compile(self.compile)
+        if self.compile is not False and self.strategy == "fsdp":
+            raise ValueError("compile is not supported with strategy fsdp (FSDP2's hooks and torch.compile need "
+                             "per-block compilation, not built here); use strategy ddp, or compile false")
         if self.strategy == "fsdp" and self.quantization is not None:
             raise ValueError(f"strategy fsdp cannot shard a quantized base (quantization={self.quantization!r}): "
                              "bitsandbytes' packed weights are not DTensors; use strategy ddp, or quantization null")

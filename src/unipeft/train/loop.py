@@ -226,7 +226,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, st
     stepper = Stepper(peft=peft, device=device, precision=precision, causal=task.kind in ("causal_lm", "generation"),
                       pad_id=pad_id, grad_accum_steps=config.grad_accum_steps, packing=config.packing,
                       capacity=config.max_length, loss_chunk=config.loss_chunk, max_grad_norm=config.max_grad_norm,
-                      strategy=strat)
+                      strategy=strat, compile=config.compile)
     state = TrainState()
     if meta is not None:
         state = restore_checkpoint(ckpt, meta, optimizer, stepper.scaler)

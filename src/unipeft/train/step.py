@@ -25,6 +25,16 @@ from unipeft.train.packing import pack
 from unipeft.train.precision import autocast, grad_scaler
 
 
+def check_compile(value: bool | str) -> None:
+    """Raise ValueError unless ``value`` is a ``compile`` setting: a bool or one of torch's compile backends."""
+    if isinstance(value, bool):
+        return
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(value, str) or value not in backends:
+        raise ValueError(f"compile must be true, false or a torch.compile backend ({', '.join(backends)}), "
+                         f"got {value!r}")
+
+
 def loss_units(example: Mapping[str, Any]) -> int:
     """What one example adds to the denominator of the batch's mean loss: 1 for a labelled example, its labelled
     tokens after the shift for a causal-LM example."""
@@ -56,6 +66,9 @@ class Stepper:
         max_grad_norm: gradient clipping (None: none).
         strategy: one process, or DDP (:mod:`unipeft.train.distributed`): this rank's share of each batch, the
             loss weighted so that the ranks' averaged gradient is the global batch's.
+        compile: ``torch.compile`` the loss module (the model's forward and the loss) with the default backend
+            (``True``) or the one named; shapes are marked dynamic after the first recompilation (padded batches
+            vary in length).
     """
 
     peft: Peft
@@ -69,6 +82,7 @@ class Stepper:
     loss_chunk: int | None = 8192
     max_grad_norm: float | None = None
     strategy: Strategy = dataclasses.field(default_factory=Strategy)
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         self.scaler = grad_scaler(self.device, self.precision)
@@ -76,7 +90,10 @@ class Stepper:
 
     def rewrap(self) -> None:
         """(Re)build the module the loss runs through, after the trainable tensors were replaced."""
-        self.module = self.strategy.wrap(LossModule(self.peft.model, self.loss_sum))
+        module = LossModule(self.peft.model, self.loss_sum)
+        if self.compile is not False:
+            module.compile(**({} if self.compile is True else {"backend": self.compile}))
+        self.module = self.strategy.wrap(module)
 
     def batch(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """The tensors of a micro-batch, on the device."""
