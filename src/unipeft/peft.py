@@ -93,18 +93,21 @@ class Peft(Handle):
         combine(self, adapters, weights, method=method, new_name=new_name, **options)
         return self
 
-    def mixed_batch(self, adapter_names: Sequence[str | None]) -> MixedBatch:
+    def mixed_batch(self, adapter_names: Sequence[str | None], *, train: bool = False) -> MixedBatch:
         """A context in which row b of every batch runs with adapter ``adapter_names[b]`` (None: the base model), in
         one forward pass, for inference and ``generate`` (see :mod:`unipeft.mixed`)::
 
             with peft.mixed_batch(["a", None, "b"]):
                 logits = model(**batch).logits
 
+        With ``train=True`` (the model in training mode, one context per forward) the rows train their own
+        adapters: the backward gives each adapter the gradient of its own rows' loss.
+
         Raises:
             ValueError: for an unknown name, a merged adapter or a delta that cannot run per row (see
                 :class:`~unipeft.mixed.MixedBatch`).
         """
-        return MixedBatch(self, adapter_names)
+        return MixedBatch(self, adapter_names, train=train)
 
 
 def attach(model: nn.Module, recipe: Recipe | str = "lora", name: str = "default", **options: Any) -> Peft:

@@ -1,4 +1,5 @@
-"""Mixed batches: one forward pass in which each row of the batch uses its own adapter (or none), for inference.
+"""Mixed batches: one forward pass in which each row of the batch uses its own adapter (or none), for inference
+and, with ``train=True``, for training several adapters at once on one base.
 
     with peft.mixed_batch(["support", "legal", None, "support"]):
         logits = model(**batch).logits           # row 0 and 3 with adapter "support", row 2 with the base
@@ -14,9 +15,15 @@ Supported: forms that implement :class:`~unipeft.core.factors.Batchable` (LoRA a
 OLoRA, DoRA, VeRA, AdaLoRA; (IA)³; BitFit; SSF; bottleneck, parallel and scaled parallel adapters), composed with
 ``add`` or ``scaled``, and module copies (``replace``, e.g. classification heads; run once per adapter on its rows).
 Refused with an error: sequence-level forms (prefix, prompt), gated compositions, other forms, merged adapters, a
-model in training mode. The stacks are built once per site and reused while the adapters do not change (see
-:mod:`unipeft.mixed.stacks`: adding, removing, training or swapping an adapter rebuilds them); they are copies,
-so no gradient reaches the adapters.
+model in training mode (unless ``train=True``). For inference the stacks are built once per site and reused while
+the adapters do not change (see :mod:`unipeft.mixed.stacks`: adding, removing, training or swapping an adapter
+rebuilds them); they are copies, so no gradient reaches the adapters.
+
+With ``train=True`` (``peft.mixed_batch(names, train=True)``, the model in training mode) the stacks are built afresh
+on entering, as differentiable functions of the adapters' tensors, so the backward of a loss over the batch gives
+each adapter exactly the gradient of its own rows' loss (a row's gradient reaches only its own adapter), as mLoRA
+(Ye et al. 2023, arXiv 2312.02515) and ASPEN train many LoRA jobs on one base. Enter it once per forward (the stacks
+hold that step's graph). Dropout is not applied per row, so adapters with dropout > 0 are refused for training.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 
 from unipeft.core.delta import form_class, form_config_class, form_names
 from unipeft.mixed.plan import SitePlan, Step
-from unipeft.mixed.stacks import SiteStacks, site_stacks
+from unipeft.mixed.stacks import SiteStacks, site_stacks, training_stacks
 
 if TYPE_CHECKING:
     from unipeft.core.adapted import Handle
@@ -62,7 +69,7 @@ class MixedBatch:
             ``len(adapter_names)`` raises ValueError.
     """
 
-    def __init__(self, peft: "Handle", adapter_names: Sequence[str | None]) -> None:
+    def __init__(self, peft: "Handle", adapter_names: Sequence[str | None], *, train: bool = False) -> None:
         names = list(adapter_names)
         if not names:
             raise ValueError("a mixed batch needs one adapter name (or None) per row; got an empty list")
@@ -75,7 +82,10 @@ class MixedBatch:
                              "get them; unmerge them (peft.unmerge()) before running a mixed batch")
         self.peft = peft
         self.names = names
+        self.train = train
         self.adapters = [n for n in dict.fromkeys(names) if n is not None]
+        if train:
+            _refuse_dropout(peft, self.adapters)
         self._stacks: dict[str, SiteStacks] = {module: site_stacks(site, self.adapters)
                                                for module, site in peft._sites.items()
                                                if any(a in site.adapters for a in self.adapters)}
@@ -84,10 +94,17 @@ class MixedBatch:
 
     def __enter__(self) -> "MixedBatch":
         peft = self.peft
-        if peft.model.training:
-            raise ValueError("mixed batches are for inference (dropout is not applied per row); call model.eval()")
+        if peft.model.training and not self.train:
+            raise ValueError("mixed batches are for inference (dropout is not applied per row); call model.eval(), "
+                             "or train several adapters with peft.mixed_batch(names, train=True)")
         if any(site.mixed is not None for site in peft._sites.values()):
             raise RuntimeError("a mixed batch is already running on this model; mixed batches do not nest")
+        if self.train:
+            self._stacks = {module: training_stacks(peft._sites[module]) for module in self._stacks}
+            _refuse(self._stacks, self.adapters)
+            self._plans = {module: self._plan(module, peft._sites[module], stacks, self._slot_tensors())
+                           for module, stacks in self._stacks.items()}
+            return self._route()
         with torch.no_grad():
             for module, stacks in self._stacks.items():
                 site = peft._sites[module]
@@ -97,6 +114,11 @@ class MixedBatch:
             index = self._slot_tensors()
             self._plans = {module: self._plan(module, peft._sites[module], stacks, index)
                            for module, stacks in self._stacks.items()}
+        return self._route()
+
+    def _route(self) -> "MixedBatch":
+        """Route the sites through the plans (nothing of the active adapters runs)."""
+        peft = self.peft
         for site in peft._sites.values():  # nothing of the active adapters runs (prefixes, prompts included)
             site.set_active([])
         for module, plan in self._plans.items():
@@ -143,6 +165,21 @@ class MixedBatch:
         return out
 
 
+def _refuse_dropout(peft: "Handle", adapters: list[str]) -> None:
+    """Raise if a delta of one of ``adapters`` has dropout, which a mixed batch does not apply per row.
+
+    Raises:
+        ValueError: naming the adapter, the form and the rate.
+    """
+    for adapter in adapters:
+        for placed in peft._placements[adapter]:
+            rates = [m.p for m in placed.form.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            if rates:
+                raise ValueError(f"adapter '{adapter}' has dropout {rates[0]} in {type(placed.form).__name__}; "
+                                 "mixed-batch training does not apply dropout per row, so train its adapters "
+                                 "with dropout 0")
+
+
 def _refuse(stacks: dict[str, SiteStacks], adapters: list[str]) -> None:
     """Raise if a delta of one of ``adapters`` cannot run per row (at any of these sites).
 
@@ -167,12 +204,13 @@ def _refuse(stacks: dict[str, SiteStacks], adapters: list[str]) -> None:
                      "compositions add, scaled)")
 
 
-def mixed_batch(peft: "Handle", adapter_names: Sequence[str | None]) -> MixedBatch:
-    """``with mixed_batch(peft, names): model(**batch)``: row b runs with adapter ``names[b]`` (None: the base).
+def mixed_batch(peft: "Handle", adapter_names: Sequence[str | None], *, train: bool = False) -> MixedBatch:
+    """``with mixed_batch(peft, names): model(**batch)``: row b runs with adapter ``names[b]`` (None: the base);
+    ``train=True``: differentiably, for a training step.
 
     See :class:`MixedBatch` for what is supported and what raises.
     """
-    return MixedBatch(peft, adapter_names)
+    return MixedBatch(peft, adapter_names, train=train)
 
 
 __all__ = ["MixedBatch", "mixed_batch", "SUPPORTED_FORMS"]

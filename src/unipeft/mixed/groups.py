@@ -12,10 +12,17 @@ is two batched matrix products with no indexing, e.g. for LoRA (Punica's BGMV)::
 
 If every row uses the same adapter, the bound group takes that adapter's slice and runs two plain matmuls. Zero
 padding is exact: padded rank columns, hidden units (act(0) = 0) and the zero slot contribute exact zeros.
+
+For inference the stacks are detached copies. Built inside :func:`differentiable` (a mixed batch for training), they
+are differentiable functions of the adapters' tensors instead: a row's loss reaches only the slot it gathered, so
+its gradient reaches only its own adapter (mLoRA / ASPEN's multi-adapter training on one base).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Sequence
 
 import torch
@@ -26,6 +33,23 @@ from unipeft.core.factors import MLP, Affine, Factors, LowRank, Scale
 
 Rows = dict[str, torch.Tensor]
 
+_DIFFERENTIABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("unipeft_mixed_differentiable", default=False)
+
+
+@contextlib.contextmanager
+def differentiable() -> Iterator[None]:
+    """Groups built inside stack the adapters' tensors differentiably (for training), not as detached copies."""
+    token = _DIFFERENTIABLE.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE.reset(token)
+
+
+def _stacking() -> contextlib.AbstractContextManager:
+    """Where the stacks are built: without autograd for inference, with it inside :func:`differentiable`."""
+    return contextlib.nullcontext() if _DIFFERENTIABLE.get() else torch.no_grad()
+
 
 def _stack(tensors: Sequence[torch.Tensor | None], shape: tuple[int, ...], like: torch.Tensor, *,
            fill: float = 0.0, scales: Sequence[float] | None = None) -> torch.Tensor:
@@ -35,7 +59,8 @@ def _stack(tensors: Sequence[torch.Tensor | None], shape: tuple[int, ...], like:
     for slot, t in enumerate(tensors, start=1):
         if t is not None:
             scale = 1.0 if scales is None else scales[slot - 1]
-            out[(slot, *(slice(0, n) for n in t.shape))] = t.detach() * scale if scale != 1.0 else t.detach()
+            t = t if _DIFFERENTIABLE.get() else t.detach()
+            out[(slot, *(slice(0, n) for n in t.shape))] = t * scale if scale != 1.0 else t
     return out
 
 
@@ -117,7 +142,7 @@ class LowRankGroup(Group):
         r = max(f.A.shape[0] for f in factors)
         d_in, d_out = factors[0].A.shape[1], like.shape[0]
         self.weight = factors[0].base_weight.detach() if factors[0].base_weight is not None else None
-        with torch.no_grad():
+        with _stacking():
             a = _stack([f.A for f in factors], (r, d_in), like)  # (n+1, r, d_in); d_in = vocab for an embedding
             self.stacks["A_table" if factors[0].embedding else "A"] = a
             self.stacks["B"] = _stack([f.B for f in factors], (d_out, r), like,
@@ -151,7 +176,7 @@ class AffineGroup(Group):
         super().__init__()
         like = next(t for f in factors for t in (f.gain, f.shift) if t is not None)
         gains, shifts = [f.gain for f in factors], [f.shift for f in factors]
-        with torch.no_grad():
+        with _stacking():
             if any(g is not None for g in gains):
                 self.stacks["gain"] = _stack(gains, (like.shape[0],), like, scales=scales)  # (n+1, d)
             if any(b is not None for b in shifts):
@@ -171,7 +196,7 @@ class ScaleGroup(Group):
     def __init__(self, factors: list[Scale]) -> None:
         super().__init__()
         like = factors[0].vector
-        with torch.no_grad():
+        with _stacking():
             self.stacks["vector"] = _stack([f.vector for f in factors], (like.shape[0],), like, fill=1.0)
 
 
@@ -184,7 +209,7 @@ class MLPGroup(Group):
         like = factors[0].down_weight
         m = max(f.down_weight.shape[0] for f in factors)
         d_in, d_out = like.shape[1], factors[0].up_weight.shape[0]
-        with torch.no_grad():
+        with _stacking():
             self.stacks["down"] = _stack([f.down_weight for f in factors], (m, d_in), like)  # (n+1, m, d_in)
             self.stacks["down_bias"] = _stack([f.down_bias for f in factors], (m,), like)
             self.stacks["up"] = _stack([f.up_weight for f in factors], (d_out, m), like, scales=scales)

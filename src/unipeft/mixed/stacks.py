@@ -23,7 +23,7 @@ from torch import nn
 
 from unipeft.core.compose import Add, Scaled
 from unipeft.core.factors import MLP, Factors, LowRank, Scale
-from unipeft.mixed.groups import Group, build_group
+from unipeft.mixed.groups import Group, build_group, differentiable
 
 if TYPE_CHECKING:
     from unipeft.core.site import DeltaSite, Placed
@@ -90,6 +90,13 @@ def site_stacks(site: "DeltaSite", adapters: "list[str] | None" = None) -> SiteS
         stacks = _build(site)
     _CACHE[site] = stacks
     return stacks
+
+
+def training_stacks(site: "DeltaSite") -> SiteStacks:
+    """Stacks of ``site`` that are differentiable functions of its adapters' tensors (for a training step: built
+    afresh every time, never cached, since they hold the step's autograd graph)."""
+    with differentiable():
+        return _build(site)
 
 
 def _structure(site: "DeltaSite") -> tuple:
