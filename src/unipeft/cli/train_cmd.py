@@ -1,8 +1,11 @@
 """``unipeft train CONFIG.yaml [key=value ...] [--nproc N]``: run a training config and print a summary.
 
+A config with a ``jobs:`` list trains all its jobs at once on one base (:mod:`unipeft.train.multi`); its overrides
+set every job's keys (over the job's own).
+
 ``--nproc N`` starts the same command on N processes through torchrun (``torch.distributed.run --standalone``),
-which is the same as ``torchrun --nproc-per-node N -m unipeft train CONFIG ...`` (DDP; see
-:mod:`unipeft.train.distributed`).
+which is the same as ``torchrun --nproc-per-node N -m unipeft train CONFIG ...`` (DDP, or FSDP2 with
+``strategy=fsdp``; see :mod:`unipeft.train.distributed`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +25,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config keys, e.g. max_steps=100 lr=1e-3 method_options.r=16")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="train on N processes with DistributedDataParallel (launches torchrun; gloo on CPU, NCCL on "
-                        "GPU)")
+                   help="train on N processes (launches torchrun; the config's strategy: ddp or fsdp; gloo on CPU, "
+                        "NCCL on GPU)")
     p.set_defaults(run=run)
+
+
+def run_jobs(args: argparse.Namespace, data: dict) -> int:
+    """A config with ``jobs:``: every job trained at once on one base (:mod:`unipeft.train.multi`)."""
+    from unipeft.train.multi import train_jobs
+    from unipeft.train.multi_config import load_multi_config
+
+    if args.nproc > 1:
+        raise ValueError(f"--nproc {args.nproc}: a multi-job config trains its jobs in one process on one base; "
+                         "drop --nproc")
+    config = load_multi_config(data, args.overrides)
+    results = train_jobs(config)
+    width = max(len(name) for name in results)
+    for name, result in results.items():
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+        print(f"{name.ljust(width)}  {result.steps} steps, {result.trainable_params:,} params, {scores}  "
+              f"-> {result.adapter_dir}")
+    print(f"{'run'.ljust(width)}  {Path(config.output_dir) / 'multi.json'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from unipeft.train import load_train_config, train
+    from unipeft.train.multi_config import is_multi
+    from unipeft.util.files import read_mapping
 
+    data = read_mapping(args.config, what="config file")
+    if is_multi(data):
+        return run_jobs(args, data)
     config = load_train_config(args.config, args.overrides)  # checked here, before any process starts
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")

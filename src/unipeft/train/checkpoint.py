@@ -73,9 +73,10 @@ def has_checkpoint(folder: Path) -> bool:
 
 
 def save_checkpoint(folder: Path, *, peft: Peft, optimizer: torch.optim.Optimizer, state: TrainState,
-                    config: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write a checkpoint of the adapter, the optimizer (AdamW's or bitsandbytes' 8-bit state), the RNG, the
-    gradient scaler and ``state`` to ``folder``, atomically."""
+                    config: dict[str, Any], scaler: torch.amp.GradScaler | None = None,
+                    name: str | None = None) -> None:
+    """Write a checkpoint of the adapter ``name`` (default: the only active one), the optimizer (AdamW's or
+    bitsandbytes' 8-bit state), the RNG, the gradient scaler and ``state`` to ``folder``, atomically."""
     if scaler is not None:
         state.scaler = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float, bool))}
     opt = optimizer.state_dict()
@@ -91,7 +92,7 @@ def save_checkpoint(folder: Path, *, peft: Peft, optimizer: torch.optim.Optimize
             "param_groups": opt["param_groups"], "optimizer_scalars": scalars, "config": config}
 
     def write(tmp: Path) -> None:
-        unipeft.save_adapter(peft, tmp / ADAPTER_DIR)
+        unipeft.save_adapter(peft, tmp / ADAPTER_DIR, name)
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": FORMAT})
         (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 

@@ -128,13 +128,15 @@ def model_kind(task: TaskSpec) -> tuple[str, int | None]:
     return kind, (task.num_labels if task.kind == "classification" else None)
 
 
-def make_optimizer(peft: Peft, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The config's optimizer over the trainable parameters, without weight decay on biases and norm weights."""
-    return build_optimizer(peft.trainable_parameters(), config.optimizer, lr=config.lr,
+def make_optimizer(peft: Peft, config: TrainConfig, device: torch.device,
+                   params: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """The config's optimizer over ``params`` (default: the trainable parameters), without weight decay on biases and
+    norm weights."""
+    return build_optimizer(peft.trainable_parameters() if params is None else params, config.optimizer, lr=config.lr,
                            weight_decay=config.weight_decay, device=device)
 
 
-def _checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | None:
+def checkpoint_to_resume(ckpt: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The checkpoint's metadata if the run resumes from it, else None.
 
     Raises:
@@ -181,7 +183,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, st
     out = Path(config.output_dir)
     ckpt = out / "checkpoint"
     plain_config = config.to_dict()
-    meta = _checkpoint_to_resume(ckpt, config)
+    meta = checkpoint_to_resume(ckpt, config)
 
     seed_everything(config.seed)
     device = strat.device(resolve_device(config.device))
@@ -314,7 +316,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, st
                          tokens_per_s=state.tokens / max(state.train_time_s, 1e-9),
                          device=str(device), precision=precision, output_dir=out, adapter_dir=adapter_dir)
     if strat.is_main:
-        _write_outputs(result, state, config, task, recipe, per_epoch, strat.world_size)
+        write_outputs(result, state, config, task, recipe, per_epoch, strat.world_size)
         if generations:
             write_json(out / "generations.json", generations)
         if has_checkpoint(ckpt):
@@ -323,7 +325,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, float], None] | None, st
     return result
 
 
-def _write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, task: TaskSpec,
+def write_outputs(result: TrainResult, state: TrainState, config: TrainConfig, task: TaskSpec,
                    recipe: Recipe, per_epoch: int, world_size: int) -> None:
     seconds = max(state.train_time_s, 1e-9)
     metrics: dict[str, Any] = {
