@@ -3,7 +3,8 @@
 These let a user inspect a large model on a small machine: count its parameters, list its
 modules, or plan where a PEFT method would attach, all on the ``meta`` device, which allocates
 no memory. The hyperparameters are the published ones of each checkpoint; the tests pin the
-resulting parameter counts (LLaMA-7B: 6,738,415,616; RoBERTa-base with pooler: 124,645,632).
+resulting parameter counts (LLaMA-7B: 6,738,415,616; LLaMA-33B: 32,528,943,616; RoBERTa-base with
+pooler: 124,645,632).
 """
 
 from __future__ import annotations
@@ -88,6 +89,21 @@ def _roberta(hidden: int, layers: int, heads: int, ffn: int) -> RobertaConfig:
     )
 
 
+def _llama1(hidden: int, layers: int, heads: int, ffn: int) -> LlamaConfig:
+    """A LLaMA-1 shape (Touvron et al. 2023, Table 2): 32k vocabulary, 2048 positions, untied head, full MHA."""
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
 KNOWN_CONFIGS: dict[str, KnownConfig] = {
     # Touvron et al. 2023, LLaMA-7B.
     "llama-7b": KnownConfig(
@@ -105,6 +121,10 @@ KNOWN_CONFIGS: dict[str, KnownConfig] = {
         kind="causal_lm",
         params=6_738_415_616,
     ),
+    # The larger LLaMA-1 shapes (Meta released the 33B checkpoint under the name "30B").
+    "llama-13b": KnownConfig(build=lambda: _llama1(5120, 40, 40, 13824), kind="causal_lm", params=13_015_864_320),
+    "llama-33b": KnownConfig(build=lambda: _llama1(6656, 60, 52, 17920), kind="causal_lm", params=32_528_943_616),
+    "llama-65b": KnownConfig(build=lambda: _llama1(8192, 80, 64, 22016), kind="causal_lm", params=65_285_660_672),
     # Liu et al. 2019, RoBERTa (counts are the bare encoder with its pooler).
     "roberta-base": KnownConfig(build=lambda: _roberta(768, 12, 12, 3072), kind="base", params=124_645_632),
     "roberta-large": KnownConfig(build=lambda: _roberta(1024, 24, 16, 4096), kind="base", params=355_359_744),
