@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         r["throughput_vs_sequential"] = r["tokens_per_s"] / seq["tokens_per_s"]
         r["memory_vs_one_job"] = r["peak_mib"] / one["peak_mib"]
         rows.append([r["jobs"], r["contender"], f"{r['train_s']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                     f"{r['throughput_vs_sequential']:.2f}x", f"{r['peak_mib']:,.0f}", f"{r['memory_vs_one_job']:.2f}x"])
+                     f"{r['throughput_vs_sequential']:.2f}x", f"{r['peak_mib']:,.0f}",
+                     f"{r['memory_vs_one_job']:.2f}x"])
     top = max(args.jobs)
     best = next(r for r in results["runs"] if r["jobs"] == top and r["contender"] == "multi")
     results["goal"] = {"jobs": top, "memory_vs_one_job": best["memory_vs_one_job"],

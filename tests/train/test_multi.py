@@ -90,7 +90,7 @@ def test_a_crashed_run_resumes_every_job(tmp_path, tiny_llama_folder, data_dir):
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_jobs(config, on_step=crash)
-    assert (tmp_path / "multi" / "lora" / "checkpoint").is_dir() and (tmp_path / "multi" / "ia3" / "checkpoint").is_dir()
+    assert all((tmp_path / "multi" / name / "checkpoint").is_dir() for name in ("lora", "ia3"))
     train_jobs(config)
     for job in config.jobs:
         folder, ref = tmp_path / "multi" / job.name, tmp_path / "ref" / "multi" / job.name

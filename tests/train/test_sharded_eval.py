@@ -37,8 +37,9 @@ def everything(ranks: Strategy, folder: str) -> dict:
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
     model, tokenizer = load_model(folder, kind="causal_lm")
-    task = TaskSpec(name="toy_gen", kind="generation", train_path="a", eval_path="b", prompt_template="mr: {mr}\ntext:\n",
-                    response_field="text", metrics=("bleu", "rouge_l"), main_metric="bleu", max_new_tokens=5)
+    task = TaskSpec(name="toy_gen", kind="generation", train_path="a", eval_path="b",
+                    prompt_template="mr: {mr}\ntext:\n", response_field="text", metrics=("bleu", "rouge_l"),
+                    main_metric="bleu", max_new_tokens=5)
     scores, generations = evaluate_generation(model, tokenizer, task, PROMPTS, batch_size=3, ranks=ranks)
     return {"cls": evaluate(bert, CLS, examples(13, seed=0), batch_size=4, ranks=ranks),
             "lm": evaluate(llama, LM, examples(11, seed=1, lm=True), batch_size=3, ranks=ranks),

@@ -234,4 +234,5 @@ def closing(s: Strategy) -> Iterator[Strategy]:
         s.close()
 
 
-__all__ = ["Strategy", "DDPStrategy", "FSDPStrategy", "STRATEGIES", "check_strategy", "strategy", "launched", "LossModule", "closing"]
+__all__ = ["Strategy", "DDPStrategy", "FSDPStrategy", "STRATEGIES", "check_strategy", "strategy",
+           "launched", "LossModule", "closing"]

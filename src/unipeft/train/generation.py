@@ -90,7 +90,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_ne
 
 
 def evaluate_generation(model: nn.Module, tokenizer: Any, task: TaskSpec, rows: Sequence[Mapping[str, Any]],
-                        batch_size: int, ranks: Strategy | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                        batch_size: int,
+                        ranks: Strategy | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate greedily for every distinct prompt of ``rows`` (shared over ``ranks``) and score the task's text
     metrics.
 

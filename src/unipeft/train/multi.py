@@ -1,5 +1,5 @@
-"""Many adapters trained at once on one copy of the base (multi-PEFT training: mLoRA, Ye et al. 2023, arXiv
-2312.02515; ASPEN).
+"""Many adapters trained at once on one copy of the base (multi-PEFT training: mLoRA, Ye et al. 2023,
+arXiv 2312.02515; ASPEN).
 
 ``train_jobs(config)`` loads the base once, places every job's adapter on it (each seeded as its job alone would
 be), and then, step after step, builds one batch from the next batch of every unfinished job, runs one forward and
@@ -7,7 +7,7 @@ one backward through the frozen base in a training mixed batch (``peft.mixed_bat
 through the adapter of its job), and lets each job take its own optimizer step with its own learning-rate schedule
 and gradient clipping. The loss is the sum over jobs of each job's mean loss,
 
-    L = Σ_j (1 / U_j) Σ_{b ∈ rows(j)} ℓ_b          U_j: the loss units (examples or labelled tokens) of job j's batch
+    L = Σ_j (1 / U_j) Σ_{b ∈ rows(j)} ℓ_b      U_j: the loss units (examples or labelled tokens) of job j's batch
 
 and a row's gradient reaches only its own adapter, so ∂L/∂θ_j is exactly job j's gradient alone: each job follows
 the trajectory of the same job trained alone with ``unipeft train`` (same seed, data order, schedule), to the
@@ -189,7 +189,8 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
     tasks = {job.name: job.config.task_spec() for job in config.jobs}
     kinds = {name: model_kind(task) for name, task in tasks.items()}
     if len(set(kinds.values())) > 1:
-        described = ", ".join(f"{n}: {k}" + (f" ({labels} labels)" if labels else "") for n, (k, labels) in kinds.items())
+        described = ", ".join(f"{n}: {k}" + (f" ({labels} labels)" if labels else "")
+                              for n, (k, labels) in kinds.items())
         raise ValueError(f"the jobs share one base, so they need the same model kind and label count; got {described}")
     kind, num_labels = kinds[config.jobs[0].name]
     device = resolve_device(first.device)
@@ -367,7 +368,8 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
 
     results = {r.name: r.result for r in runs}
     write_json(Path(config.output_dir) / "multi.json", {
-        **config.to_dict(), "steps": steps_done, "train_time_s": step_time, "wall_time_s": time.perf_counter() - started,
+        **config.to_dict(), "steps": steps_done, "train_time_s": step_time,
+        "wall_time_s": time.perf_counter() - started,
         "tokens_per_s": tokens / max(step_time, 1e-9), "peak_rss_mib": peak_memory_mib(torch.device("cpu")),
         "device": str(device), "precision": precision,
         "jobs_metrics": {name: (res.metrics if res else None) for name, res in results.items()}})
