@@ -15,7 +15,8 @@ holds its own base). Per K and contender: total tokens/s over all jobs (``sequen
 runs' training times; ``processes``: / the longest one's, as they overlap), and peak memory (``sequential``: the
 largest run's; ``processes``: the sum, as they are resident together). Ratios: throughput against ``sequential``,
 memory against one job alone (the K = 1 sequential run). The issue's goals at K = 8: peak memory ≤ 1.3x one job's,
-throughput ≥ 1.0x sequential.
+throughput ≥ 1.0x sequential. ``--gradient-checkpointing`` turns on checkpointing in every contender (then the K
+jobs' activations, which grow with K in one batch, are mostly recomputed instead of stored).
 
     python benchmarks/multi_train.py                          # K = 1, 4, 8; 4 steps of 4 x 128
     python benchmarks/multi_train.py --jobs 1 2 --steps 2 --batch 2 --seq 64 --out results.json
@@ -52,7 +53,8 @@ def job_keys(k: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def shared_keys(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     return {"model": args.model, "task": "alpaca", "max_length": args.seq, "eval_limit": 2, "eval_batch_size": 2,
-            "progress": False, "threads": threads, "precision": "fp32", "device": "cpu"}
+            "progress": False, "threads": threads, "precision": "fp32", "device": "cpu",
+            "gradient_checkpointing": args.gradient_checkpointing}
 
 
 def unipeft_train(config: dict[str, Any], folder: Path) -> subprocess.Popen:
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=4, help="examples per job and step")
     parser.add_argument("--seq", type=int, default=128, help="max tokens per example")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every contender recomputes the base's activations in the backward")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if 1 not in args.jobs:

@@ -63,6 +63,17 @@ def test_each_job_follows_its_run_alone(tmp_path, tiny_llama_folder, data_dir):
     assert run["steps"] == 6 and [j["name"] for j in run["jobs"]] == ["lora", "ia3"]
 
 
+def test_gradient_checkpointing_recomputes_through_the_mixed_batch(tmp_path, tiny_llama_folder, data_dir):
+    """With checkpointing the backward recomputes each block's forward: it must run each row through its own adapter
+    again, so the jobs still follow their runs alone (here: with checkpointing too)."""
+    config = two_llama_jobs(tmp_path, tiny_llama_folder, data_dir, gradient_checkpointing=True)
+    train_jobs(config)
+    for job in config.jobs:
+        losses, weights = alone(job, tmp_path)
+        assert history(tmp_path / "multi" / job.name) == pytest.approx(losses, rel=1e-4)
+        assert_same_adapter(adapter(tmp_path / "multi" / job.name), weights)
+
+
 def test_classification_jobs_with_their_own_heads(tmp_path, tiny_bert_folder, data_dir):
     """Two GLUE jobs (SST-2 with LoRA, RTE with a bottleneck adapter), each with its own head copy, trained together
     on a BERT without dropout (the base's own dropout would draw other masks in a shared batch): each equals its run

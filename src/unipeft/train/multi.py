@@ -321,11 +321,12 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
                     group["lr"] = lr
             began = time.perf_counter()
             batch = to_device(collate(examples, pad_id), device)
-            with autocast(device, precision), peft.mixed_batch(row_names, train=True):
-                sums = row_losses(model, batch, "causal_lm" if causal else kind, groups, first.loss_chunk)
             units = [max(1, sum(loss_units(e) for e in b)) for b in batches]
-            means = [s / u for s, u in zip(sums, units)]
-            torch.stack(means).sum().backward()
+            with peft.mixed_batch(row_names, train=True):  # the backward too: checkpointing recomputes through it
+                with autocast(device, precision):
+                    sums = row_losses(model, batch, "causal_lm" if causal else kind, groups, first.loss_chunk)
+                means = [s / u for s, u in zip(sums, units)]
+                torch.stack(means).sum().backward()
             for r in todo:
                 c = r.job.config
                 if c.max_grad_norm is not None:
