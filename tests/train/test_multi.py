@@ -110,6 +110,31 @@ def test_a_crashed_run_resumes_every_job(tmp_path, tiny_llama_folder, data_dir):
         assert not (folder / "checkpoint").exists()
 
 
+def test_on_eval_stops_one_job_and_the_others_go_on(tmp_path, tiny_llama_folder, data_dir):
+    """``on_eval`` returning True for one job stops it at that evaluation (no final outputs, left out of the
+    results); the other job still follows the run in which nothing was stopped."""
+    config = two_llama_jobs(tmp_path, tiny_llama_folder, data_dir, eval_every=2)
+    reference = two_llama_jobs(tmp_path / "ref", tiny_llama_folder, data_dir, eval_every=2)
+    train_jobs(reference)
+    seen: list[tuple[str, int]] = []
+
+    def stop_lora(job: str, step: int, metrics: dict[str, float]) -> bool:
+        seen.append((job, step))
+        assert metrics and all(isinstance(v, float) for v in metrics.values())
+        return job == "lora"
+
+    steps: dict[str, int] = {}
+    results = train_jobs(config, on_eval=stop_lora, on_step=lambda job, step, loss: steps.__setitem__(job, step))
+    assert set(results) == {"ia3"} and results["ia3"].steps == 6
+    assert steps == {"lora": 2, "ia3": 6}
+    assert seen == [("lora", 2), ("ia3", 2), ("ia3", 4)]  # the final evaluation (step 6) is not reported
+    assert not (tmp_path / "multi" / "lora" / "metrics.json").exists()
+    assert history(tmp_path / "multi" / "ia3") == pytest.approx(history(tmp_path / "ref" / "multi" / "ia3"), rel=1e-5)
+    assert_same_adapter(adapter(tmp_path / "multi" / "ia3"), adapter(tmp_path / "ref" / "multi" / "ia3"))
+    run = json.loads((tmp_path / "multi" / "multi.json").read_text())
+    assert run["jobs_metrics"]["lora"] is None and run["jobs_metrics"]["ia3"]
+
+
 @pytest.mark.parametrize("change, match", [
     ({"jobs": [{"name": "a"}, {"name": "a"}]}, r"job names must be unique; repeated: a"),
     ({"jobs": [{"name": "a/b"}]}, r"jobs\[0\]: name must be letters"),

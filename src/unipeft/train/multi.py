@@ -156,16 +156,20 @@ def row_losses(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, grou
 
 
 def train_jobs(config: MultiTrainConfig, *,
-               on_step: Callable[[str, int, float], None] | None = None) -> dict[str, TrainResult]:
+               on_step: Callable[[str, int, float], None] | None = None,
+               on_eval: Callable[[str, int, dict[str, float]], bool] | None = None) -> dict[str, TrainResult]:
     """Train every job of ``config`` at once on one base; see the module docstring.
 
     Args:
         config: the jobs.
         on_step: called after every job's optimizer step with ``(job, step, loss)``; an exception it raises stops
             the run as a crash would (each job's last checkpoint stays, to resume from).
+        on_eval: called after every intermediate evaluation (every ``eval_every`` steps, not the final one) with
+            ``(job, step, metrics)``; returning True stops that job there (an early-stopping pruner): it trains no
+            more, writes no final outputs, and its checkpoint is removed; the other jobs go on.
 
     Returns:
-        Each job's result, by name.
+        Each job's result, by name; jobs stopped by ``on_eval`` are left out.
 
     Raises:
         ValueError: for jobs that cannot share one base (different model kinds or label counts), a refused form or
@@ -178,12 +182,13 @@ def train_jobs(config: MultiTrainConfig, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(first.threads or max(1, len(os.sched_getaffinity(0))))
     try:
-        return _train_jobs(config, on_step)
+        return _train_jobs(config, on_step, on_eval)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], None] | None) -> dict[str, TrainResult]:
+def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], None] | None,
+                on_eval: Callable[[str, int, dict[str, float]], bool] | None) -> dict[str, TrainResult]:
     started = time.perf_counter()
     first = config.jobs[0].config
     tasks = {job.name: job.config.task_spec() for job in config.jobs}
@@ -336,7 +341,7 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
             elapsed = time.perf_counter() - began
             step_time += elapsed
             steps_done += 1
-            finished = []
+            finished, stopped = [], []
             for r, b, mean in zip(todo, batches, means):
                 value = float(mean.detach())
                 r.state.train_time_s += elapsed
@@ -355,11 +360,19 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
                     continue
                 if c.eval_every and r.state.step % c.eval_every == 0:
                     r.last_eval = run_eval(r)
+                    if on_eval is not None and on_eval(r.name, r.state.step, r.last_eval):
+                        stopped.append(r)
+                        continue
                 if c.save_every and r.state.step % c.save_every == 0:
                     save_checkpoint(r.out / "checkpoint", peft=peft, optimizer=r.optimizer, state=r.state,
                                     config=c.to_dict(), name=r.name)
             for r in finished:
                 finish(r)
+                todo.remove(r)
+            for r in stopped:
+                log.info("job %s stopped at step %d (on_eval)", r.name, r.state.step)
+                shutil.rmtree(r.out / "checkpoint", ignore_errors=True)
+                bar.total -= r.total - r.state.step
                 todo.remove(r)
             bar.set_postfix({"jobs": len(todo), "tok/s": f"{tokens / max(step_time, 1e-9):,.0f}",
                              "mem": f"{peak_memory_mib(device):,.0f}MiB"}, refresh=False)
@@ -367,13 +380,13 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
     finally:
         bar.close()
 
-    results = {r.name: r.result for r in runs}
+    results = {r.name: r.result for r in runs if r.result is not None}
     write_json(Path(config.output_dir) / "multi.json", {
         **config.to_dict(), "steps": steps_done, "train_time_s": step_time,
         "wall_time_s": time.perf_counter() - started,
         "tokens_per_s": tokens / max(step_time, 1e-9), "peak_rss_mib": peak_memory_mib(torch.device("cpu")),
         "device": str(device), "precision": precision,
-        "jobs_metrics": {name: (res.metrics if res else None) for name, res in results.items()}})
+        "jobs_metrics": {r.name: (r.result.metrics if r.result else None) for r in runs}})
     return results  # type: ignore[return-value]
 
 
