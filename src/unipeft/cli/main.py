@@ -17,8 +17,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from unipeft.cli import (bench_cmd, combine_cmd, convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, serve_cmd,
-                         train_cmd)
+from unipeft.cli import (bench_cmd, combine_cmd, convert, eval_cmd, inspect_cmd, merge_cmd, methods_cmd, search_cmd,
+                         serve_cmd, train_cmd)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train_cmd, eval_cmd, merge_cmd, methods_cmd, inspect_cmd, convert, combine_cmd, bench_cmd, serve_cmd):
+    for module in (train_cmd, eval_cmd, merge_cmd, methods_cmd, inspect_cmd, convert, combine_cmd, bench_cmd, search_cmd,
+                   serve_cmd):
         module.add_parser(subparsers)
     return parser
 
