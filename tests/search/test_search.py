@@ -94,6 +94,7 @@ def test_a_search_trains_prunes_resumes_and_writes_its_front(tmp_path, tiny_bert
     result = train(search_config_from_dict(data).trial_config(method=str(first), lr=trial.user_attrs["lr"],
                                                             output_dir=str(tmp_path / "again")))
     assert result.trainable_params == trial.user_attrs["params"]
+    assert result.trainable_percent == pytest.approx(trial.user_attrs["percent"])  # the constraint's percentage
     assert result.metrics["accuracy"] == pytest.approx(trial.values[0], abs=1e-6)  # the same run, alone
 
 
@@ -103,3 +104,34 @@ def test_a_written_bench_spec_is_accepted_by_unipeft_bench(tmp_path, tiny_bert_f
     _, paths = search(search_config_from_dict(config_data(tmp_path, tiny_bert_folder, data_dir)))
     spec = load_spec(str(paths["bench"]))  # checks every method's recipe and training keys
     assert [m.name for m in spec.methods] == [p.stem for p in sorted(paths["recipes"].glob("*.yaml"))]
+
+
+def test_a_shipped_recipe_and_the_same_point_sampled_form_by_form_are_one_point(tmp_path, tiny_bert_folder, data_dir):
+    """``point_key`` sees through how a point was sampled: the shipped ssf and the ssf form at the shipped
+    recipe's placement and learning rate train the same run, so the search trains it once."""
+    from optuna.trial import FixedTrial
+
+    from unipeft.search.driver import point_key
+
+    data = config_data(tmp_path, tiny_bert_folder, data_dir)
+    data["space"] = {"forms": {"ssf": {"lr": [5e-3], "positions": [SSF_POSITIONS], "insertions": ["sequential"]}},
+                     "layers": [None], "compositions": ["add"], "recipes": {"ssf": 5e-3}}
+    space = search_config_from_dict(data).space
+    shipped = suggest(FixedTrial({"point": "recipe:ssf"}), space, name="a")
+    sampled = suggest(FixedTrial({"point": "form:ssf", "ssf.positions": ",".join(SSF_POSITIONS), "ssf.layers": "all",
+                                  "ssf.insertion": "sequential", "ssf.composition": "add", "ssf.lr": 5e-3}),
+                      space, name="b")
+    assert point_key(shipped) == point_key(sampled)
+
+    data["budget"]["trials"] = 2  # two points asked for, one exists: it trains once, then the search stops
+    outcome, _ = search(search_config_from_dict(data))
+    study = outcome.study
+    statuses = [t.user_attrs.get("status") for t in study.trials]
+    assert statuses.count("trained") + statuses.count("pruned") == 1 and len(outcome.trained_now) == 1
+    assert statuses.count("repeated") > 1 and outcome.stopped_early is not None
+    first = next(t for t in study.trials if t.user_attrs.get("status") in ("trained", "pruned"))
+    assert all(t.user_attrs["repeat_of"] == first.number for t in study.trials
+               if t.user_attrs.get("status") == "repeated")
+
+
+SSF_POSITIONS = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down", "norm"]

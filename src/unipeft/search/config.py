@@ -50,7 +50,8 @@ class Constraints:
 
     Attributes:
         max_params: the most trainable parameters (the adapter and the head copy), or None.
-        max_percent: the most trainable parameters as a percentage of the base's, or None.
+        max_percent: the most trainable parameters as a percentage of the adapted model's (base + adapter + head
+            copy, the ``trainable %`` that training and ``unipeft bench`` report), or None.
     """
 
     max_params: int | None = None
@@ -62,7 +63,7 @@ class Constraints:
             raise ValueError(f"constraints.max_percent must be a number > 0 or null, got {self.max_percent!r}")
 
     def violation(self, params: int, total: int) -> str | None:
-        """Why ``params`` trainable parameters of a ``total``-parameter base break the constraint, or None."""
+        """Why ``params`` trainable parameters of a ``total``-parameter adapted model break the constraint, or None."""
         if self.max_params is not None and params > self.max_params:
             return f"{params:,} trainable parameters > max_params {self.max_params:,}"
         if self.max_percent is not None and 100.0 * params / total > self.max_percent:

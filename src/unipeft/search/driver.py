@@ -3,7 +3,7 @@
 Each wave asks the study for ``budget.parallel`` trials (``study.ask()``), turns each into a recipe
 (:mod:`unipeft.search.sample`), checks it on the real base (:mod:`unipeft.search.probe`: an infeasible point, over
 the constraint or not attachable, is told PRUNED with the reason in its user attributes, without training; a point
-already trained gets that trial's values), writes the recipes as YAML and trains the wave's trials together with
+already trained gets that trial's outcome, its values or pruned: :func:`point_key`), writes the recipes as YAML and trains the wave's trials together with
 :func:`unipeft.train.multi.train_jobs` (one forward and backward through the frozen base per step for all of them,
 each row through its own trial's adapter). Intermediate evaluations go to the pruner (:mod:`unipeft.search.prune`),
 which can stop a trial in the middle of the wave; the others go on. The finished trials are told their objective
@@ -17,7 +17,6 @@ left running by an interrupted search are marked failed and their points queued 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from optuna.trial import TrialState
 from unipeft.search.config import SearchConfig
 from unipeft.search.probe import Probe
 from unipeft.search.prune import ShadowPruner, make_pruner
-from unipeft.search.sample import Candidate, suggest
+from unipeft.search.sample import Candidate, suggest, summarize
 from unipeft.train.multi import train_jobs
 from unipeft.train.multi_config import Job, MultiTrainConfig
 
@@ -93,9 +92,17 @@ def _requeue_interrupted(study: optuna.Study) -> None:
         log.info("trial %d was interrupted; its point is queued again", stale.number)
 
 
+def point_key(candidate: Candidate) -> str:
+    """What makes two sampled points the same training run: the recipe's deltas (as summarized: every form field
+    off its default, positions, layers, insertion, composition) and the learning rate. A shipped recipe and the
+    same point sampled form by form share a key."""
+    return f"{summarize(candidate.recipe)} lr={candidate.lr:g}"
+
+
 def _done_points(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return {json.dumps(t.params, sort_keys=True): t for t in complete if t.user_attrs.get("status") == "trained"}
+    """The points trained before (completed or pruned while training), by :func:`point_key`."""
+    return {t.user_attrs["point_key"]: t for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("status") in ("trained", "pruned") and "point_key" in t.user_attrs}
 
 
 def run_search(config: SearchConfig) -> SearchOutcome:
@@ -124,7 +131,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
         while len(wave) < want and untrainable < MAX_UNTRAINABLE:
             trial = study.ask()
             name = trial_name(trial.number)
-            attrs = _check(trial, config, probe, name, done, [w[0].params for w in wave])
+            attrs = _check(trial, config, probe, name, done, {w[2]["key"]: w[0].number for w in wave})
             if attrs is None:
                 untrainable += 1
                 continue
@@ -143,7 +150,7 @@ def run_search(config: SearchConfig) -> SearchOutcome:
 
 
 def _check(trial: optuna.Trial, config: SearchConfig, probe: Probe, name: str,
-           done: dict[str, optuna.trial.FrozenTrial], in_wave: list[dict[str, Any]]) -> dict[str, Any] | None:
+           done: dict[str, optuna.trial.FrozenTrial], in_wave: dict[str, int]) -> dict[str, Any] | None:
     """Sample and check one trial; None if it is not trained (told here), else its candidate and measurements."""
     try:
         candidate = suggest(trial, config.space, name=name)
@@ -160,25 +167,30 @@ def _check(trial: optuna.Trial, config: SearchConfig, probe: Probe, name: str,
     if measured.step_s is not None:
         trial.set_user_attr("step_s", measured.step_s)
     reason = config.constraints.violation(measured.params, measured.total)
-    key = json.dumps(trial.params, sort_keys=True)
+    key = point_key(candidate)
+    trial.set_user_attr("point_key", key)
     if reason is not None:
         trial.set_user_attr("status", "infeasible")
         trial.set_user_attr("reason", reason)
         trial.study.tell(trial, state=TrialState.PRUNED)
         return None
-    if key in done:  # a point trained before: its values again, no training
+    if key in done:  # a point trained before: its outcome again (values, or pruned), no training
         trial.set_user_attr("status", "repeated")
         trial.set_user_attr("repeat_of", done[key].number)
-        trial.study.tell(trial, done[key].values)
+        if done[key].state == TrialState.COMPLETE:
+            trial.study.tell(trial, done[key].values)
+        else:
+            trial.study.tell(trial, state=TrialState.PRUNED)
         return None
-    if trial.params in in_wave:
+    if key in in_wave:  # the same point as a trial of this wave: not trained twice
         trial.set_user_attr("status", "repeated")
+        trial.set_user_attr("repeat_of", in_wave[key])
         trial.study.tell(trial, state=TrialState.PRUNED)
         return None
     path = Path(config.output_dir) / "candidates" / f"{name}.yaml"
     path.write_text(candidate.recipe.to_yaml(), encoding="utf-8")
     trial.set_user_attr("recipe", str(path))
-    return {"candidate": candidate, "measured": measured, "path": path}
+    return {"candidate": candidate, "measured": measured, "path": path, "key": key}
 
 
 def _train_wave(config: SearchConfig, study: optuna.Study, shadow: ShadowPruner,
@@ -226,4 +238,4 @@ def _train_wave(config: SearchConfig, study: optuna.Study, shadow: ShadowPruner,
     return sum(steps.values())
 
 
-__all__ = ["run_search", "SearchOutcome", "open_study", "trained_count", "trial_name"]
+__all__ = ["run_search", "SearchOutcome", "open_study", "point_key", "trained_count", "trial_name"]

@@ -27,8 +27,9 @@ PROBE = "_search_probe"
 
 @dataclass(frozen=True)
 class Measured:
-    """What the probe found: trainable parameters (adapter + head copy), the base's parameters, and the seconds per
-    training step alone (None unless timed)."""
+    """What the probe found: trainable parameters (adapter + head copy), every parameter of the adapted model (base,
+    adapter and head copy: the ``total`` training and ``unipeft bench`` report, as HF peft's
+    ``print_trainable_parameters`` counts), and the seconds per training step alone (None unless timed)."""
 
     params: int
     total: int
@@ -36,7 +37,7 @@ class Measured:
 
     @property
     def percent(self) -> float:
-        """Trainable parameters as a percentage of the base's."""
+        """Trainable parameters as a percentage of the adapted model's (the ``trainable %`` training reports)."""
         return 100.0 * self.params / self.total
 
 
@@ -52,7 +53,6 @@ class Probe:
         self.task = config.task_spec()
         kind, labels = model_kind(self.task)
         self.model, self.tokenizer = load_model(config.model, kind=kind, num_labels=labels, seed=config.seed)
-        self.total = sum(p.numel() for p in self.model.parameters())
 
     def measure(self, recipe: Recipe, *, time_steps: int = 0) -> Measured:
         """Attach ``recipe`` (with the head copy), count its trainable parameters, optionally time ``time_steps``
@@ -65,10 +65,11 @@ class Probe:
         peft = unipeft.attach(self.model, with_head(recipe, self.task.kind), name=PROBE)
         try:
             params = sum(p.numel() for p in adapter_parameters(peft, PROBE))
+            total = peft.summary().total
             step_s = self._time(peft, time_steps) if time_steps else None
         finally:
             peft.detach()
-        return Measured(params=params, total=self.total, step_s=step_s)
+        return Measured(params=params, total=total, step_s=step_s)
 
     def _time(self, peft: unipeft.Peft, steps: int) -> float:
         c = self.config
