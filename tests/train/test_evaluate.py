@@ -54,3 +54,19 @@ def test_causal_lm_mean_loss_over_response_tokens(tiny):
             count += n
     assert abs(metrics["loss"] - total / count) < 1e-5
     assert abs(metrics["perplexity"] - float(np.exp(total / count))) < 1e-3
+
+
+def test_causal_lm_evaluation_never_builds_the_full_logits(tiny):
+    """The loss is computed as training computes it: the head's weight at labelled positions only, chunked over the
+    vocabulary, so the LM head module never runs over a (B, T, V) batch; the value is the model's own loss."""
+    model = tiny.model("llama")
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    data = examples(5, seed=2, lm=True)
+    metrics = evaluate(model, LM, data, batch_size=5)
+    assert calls == []
+    with torch.no_grad():
+        n = [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in data]
+        reference = sum(float(model(**collate([e], 0)).loss) * k for e, k in zip(data, n)) / sum(n)
+    assert len(calls) == len(data)  # the reference did run the head, once per example
+    assert abs(metrics["loss"] - reference) < 1e-5

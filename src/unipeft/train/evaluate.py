@@ -3,7 +3,9 @@
 - classification: predictions are ``argmax(logits)``;
 - regression: the prediction is ``logits[:, 0]``;
 - causal_lm and generation: the mean cross-entropy over response tokens (labels != -100), and its perplexity
-  (a generation task's BLEU/ROUGE come from :func:`unipeft.train.generation.evaluate_generation`).
+  (a generation task's BLEU/ROUGE come from :func:`unipeft.train.generation.evaluate_generation`), computed as
+  training computes it (:func:`unipeft.train.lm_loss.causal_lm_loss_sum`: the LM head only at labelled positions,
+  chunked over the vocabulary), so evaluation never holds a batch's (B, T, V) logits.
 
 Examples are batched in order of length (the metrics do not depend on the order), so batches carry little padding.
 
@@ -22,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from unipeft.data import IGNORE_INDEX, TaskSpec, collate, compute_metrics, perplexity, predictions_from_logits
+from unipeft.data import TaskSpec, collate, compute_metrics, perplexity, predictions_from_logits
 from unipeft.train.distributed import Strategy
+from unipeft.train.lm_loss import DEFAULT_CHUNK, causal_lm_loss_sum, label_count
 
 
 def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
@@ -114,14 +116,11 @@ def _causal_lm(model: nn.Module, examples: Sequence[Mapping[str, Any]], batches:
     total, count = 0.0, 0
     for idx, real in batches:
         batch = _on(collate([examples[i] for i in idx], pad), model)
-        labels = batch.pop("labels")  # (B, T)
-        logits = model(**batch).logits  # (B, T, V)
-        if not real:
-            continue
-        shifted = labels[:, 1:]  # token t is predicted at position t-1
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((shifted != IGNORE_INDEX).sum())
+        # the head only at labelled positions, chunked over the vocabulary: no (B, T, V) logits (training's loss)
+        loss_sum = causal_lm_loss_sum(model, batch, chunk=DEFAULT_CHUNK)
+        if real:
+            total += float(loss_sum)
+            count += label_count(batch["labels"])
     total, count = (sum(parts) for parts in zip(*ranks.gather((total, count))))
     mean = total / max(1, count)
     return {"perplexity": perplexity(mean) if math.isfinite(mean) else float("inf"), "loss": mean}
