@@ -9,24 +9,16 @@ from __future__ import annotations
 import math
 import statistics
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def lora_step():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("lora_step")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def lora_step(import_benchmark):
+    return import_benchmark("lora_step")
 
 
 TINY = {

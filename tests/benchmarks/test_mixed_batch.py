@@ -6,28 +6,20 @@ so the logits of unipeft/k and peft/k must agree at every k.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")
-def mixed_batch():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("mixed_batch")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def mixed_batch(import_benchmark):
+    return import_benchmark("mixed_batch")
 
 
 def test_run_benchmark_result_is_complete_and_outputs_agree(mixed_batch):

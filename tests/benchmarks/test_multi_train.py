@@ -3,22 +3,14 @@ ratios follow its own figures."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def multi_train():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("multi_train")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def multi_train(import_benchmark):
+    return import_benchmark("multi_train")
 
 
 def test_every_contender_at_tiny_sizes(multi_train, tiny_llama_folder, tmp_path):

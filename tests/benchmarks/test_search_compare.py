@@ -4,23 +4,16 @@ methods of different seeds or steps refused."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def search_compare():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("search_compare")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def search_compare(import_benchmark):
+    return import_benchmark("search_compare")
 
 
 def write(folder: Path, name: str, percent: float, values: list[float], steps: int = 150) -> None:

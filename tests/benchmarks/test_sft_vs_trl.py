@@ -7,26 +7,18 @@ steps, the same trainable parameters and token sequences, and that the compariso
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def sft_vs_trl():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("sft_vs_trl")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def sft_vs_trl(import_benchmark):
+    return import_benchmark("sft_vs_trl")
 
 
 @pytest.fixture(scope="module")

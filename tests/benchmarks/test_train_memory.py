@@ -7,27 +7,19 @@ saved as a folder (MiniLM's tokenizer, no download); the slow one runs every con
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def train_memory():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("train_memory")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def train_memory(import_benchmark):
+    return import_benchmark("train_memory")
 
 
 @pytest.fixture(scope="module")
