@@ -16,10 +16,13 @@ runs' training times; ``processes``: / the longest one's, as they overlap), and 
 largest run's; ``processes``: the sum, as they are resident together). Ratios: throughput against ``sequential``,
 memory against one job alone (the K = 1 sequential run). The issue's goals at K = 8: peak memory ≤ 1.3x one job's,
 throughput ≥ 1.0x sequential. ``--gradient-checkpointing`` turns on checkpointing in every contender (then the K
-jobs' activations, which grow with K in one batch, are mostly recomputed instead of stored).
+jobs' activations, which grow with K in one batch, are mostly recomputed instead of stored). ``--jobs-per-pass P``
+adds ``multi p=P`` contenders: the same run with ``jobs_per_pass: P`` (a forward and backward per P jobs' rows, so
+the activations of P jobs at once, not K).
 
     python benchmarks/multi_train.py                          # K = 1, 4, 8; 4 steps of 4 x 128
     python benchmarks/multi_train.py --jobs 1 2 --steps 2 --batch 2 --seq 64 --out results.json
+    python benchmarks/multi_train.py --gradient-checkpointing --jobs-per-pass 1 2
 """
 
 from __future__ import annotations
@@ -79,9 +82,9 @@ def job_figures(metrics_path: Path) -> dict[str, float]:
             "peak_mib": m["peak_rss_mib"]}
 
 
-def run_multi(k: int, args: argparse.Namespace, root: Path) -> dict[str, float]:
-    out = root / f"multi_{k}"
-    config = {**shared_keys(args, args.threads), "output_dir": str(out),
+def run_multi(k: int, args: argparse.Namespace, root: Path, per_pass: int | None = None) -> dict[str, float]:
+    out = root / f"multi_{k}_{per_pass}"
+    config = {**shared_keys(args, args.threads), "output_dir": str(out), "jobs_per_pass": per_pass,
               "jobs": [{"name": f"job{j}", **job_keys(j, args)} for j in range(k)]}
     finish(unipeft_train(config, out))
     run = json.loads((out / "multi.json").read_text())
@@ -124,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="every contender recomputes the base's activations in the backward")
+    parser.add_argument("--jobs-per-pass", type=int, nargs="*", default=[], metavar="P",
+                        help="also run multi with jobs_per_pass=P (one forward and backward per P jobs' rows)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if 1 not in args.jobs:
@@ -132,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unipeft_multi_") as tmp:
         for k in sorted(set(args.jobs)):
-            for name, contender in CONTENDERS.items():
+            runs = [(name, lambda k, a, r, c=contender: c(k, a, r)) for name, contender in CONTENDERS.items()]
+            runs[1:1] = [(f"multi p={p}", lambda k, a, r, p=p: run_multi(k, a, r, per_pass=p))
+                         for p in sorted(set(args.jobs_per_pass)) if p < k]
+            for name, contender in runs:
                 if k == 1 and name == "processes":
                     continue  # one process is the sequential run
                 figures = contender(k, args, Path(tmp))
@@ -150,17 +158,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      f"{r['throughput_vs_sequential']:.2f}x", f"{r['peak_mib']:,.0f}",
                      f"{r['memory_vs_one_job']:.2f}x"])
     top = max(args.jobs)
-    best = next(r for r in results["runs"] if r["jobs"] == top and r["contender"] == "multi")
-    results["goal"] = {"jobs": top, "memory_vs_one_job": best["memory_vs_one_job"],
-                       "throughput_vs_sequential": best["throughput_vs_sequential"],
-                       "met": best["memory_vs_one_job"] <= GOAL_MEMORY
-                       and best["throughput_vs_sequential"] >= GOAL_THROUGHPUT}
+    variants = [r for r in results["runs"] if r["jobs"] == top and r["contender"].startswith("multi")]
+    for r in variants:
+        r["goal_met"] = r["memory_vs_one_job"] <= GOAL_MEMORY and r["throughput_vs_sequential"] >= GOAL_THROUGHPUT
+    best = next((r for r in variants if r["goal_met"]), variants[0])  # a variant that meets it, else plain multi
+    results["goal"] = {"jobs": top, "contender": best["contender"], "memory_vs_one_job": best["memory_vs_one_job"],
+                       "throughput_vs_sequential": best["throughput_vs_sequential"], "met": best["goal_met"]}
     results["benchmark_s"] = time.perf_counter() - started
     print(format_table(["K", "contender", "train s", "tokens/s", "vs sequential", "peak MiB", "vs one job"], rows))
-    goal = results["goal"]
-    print(f"\nK={top}: multi peak {goal['memory_vs_one_job']:.2f}x one job's (goal <= {GOAL_MEMORY}x), throughput "
-          f"{goal['throughput_vs_sequential']:.2f}x sequential (goal >= {GOAL_THROUGHPUT}x): "
-          f"{'met' if goal['met'] else 'not met'}")
+    for r in variants:
+        print(f"\nK={top} {r['contender']}: peak {r['memory_vs_one_job']:.2f}x one job's (goal <= {GOAL_MEMORY}x), "
+              f"throughput {r['throughput_vs_sequential']:.2f}x sequential (goal >= {GOAL_THROUGHPUT}x): "
+              f"{'met' if r['goal_met'] else 'not met'}", end="")
+    print()
     if args.out:
         write_json(args.out, results)
     return results

@@ -74,6 +74,19 @@ def test_gradient_checkpointing_recomputes_through_the_mixed_batch(tmp_path, tin
         assert_same_adapter(adapter(tmp_path / "multi" / job.name), weights)
 
 
+def test_jobs_in_passes_of_one_follow_their_runs_alone(tmp_path, tiny_llama_folder, data_dir):
+    """``jobs_per_pass: 1``: each job's rows get their own forward and backward (less activation memory at once),
+    and every job still follows its run alone; the run records the setting."""
+    config = two_llama_jobs(tmp_path, tiny_llama_folder, data_dir, jobs_per_pass=1)
+    assert config.jobs_per_pass == 1
+    train_jobs(config)
+    for job in config.jobs:
+        losses, weights = alone(job, tmp_path)
+        assert history(tmp_path / "multi" / job.name) == pytest.approx(losses, rel=1e-4)
+        assert_same_adapter(adapter(tmp_path / "multi" / job.name), weights)
+    assert json.loads((tmp_path / "multi" / "multi.json").read_text())["jobs_per_pass"] == 1
+
+
 def test_classification_jobs_with_their_own_heads(tmp_path, tiny_bert_folder, data_dir):
     """Two GLUE jobs (SST-2 with LoRA, RTE with a bottleneck adapter), each with its own head copy, trained together
     on a BERT without dropout (the base's own dropout would draw other masks in a shared batch): each equals its run
@@ -142,6 +155,8 @@ def test_on_eval_stops_one_job_and_the_others_go_on(tmp_path, tiny_llama_folder,
     ({"jobs": [{"name": "a", "packing": True, "task": "alpaca"}]}, r"job 'a': packing=True is not available"),
     ({"jobs": [{"name": "a", "lr": -1}]}, r"job 'a': lr must be > 0"),
     ({"jobs": "a"}, r"jobs must be a list of mappings"),
+    ({"jobs_per_pass": 0, "jobs": [{"name": "a"}]}, r"jobs_per_pass must be an integer >= 1 or null"),
+    ({"jobs_per_pass": "two", "jobs": [{"name": "a"}]}, r"jobs_per_pass must be an integer >= 1 or null .*, got 'two'"),
     ({"jobs": [{"name": "a", "output_dir": "x"}]}, r"output_dir is set for the whole run"),
 ])
 def test_bad_multi_configs_name_the_job_and_the_problem(change, match):

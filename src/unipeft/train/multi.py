@@ -16,6 +16,12 @@ every ``eval_every`` of its steps and at its end, checkpoints every ``save_every
 continues every unfinished job from its last checkpoint), and writes the same outputs as a single-job run under
 ``output_dir/name``. ``output_dir/multi.json`` records the run: the jobs, the steps, the time and the throughput.
 
+``jobs_per_pass`` (default: all) splits a step's jobs into passes of that many jobs, each its own forward and
+backward, before the optimizer steps: activation memory is then that of ``jobs_per_pass`` jobs' rows instead of all
+of them, the base is still one copy, and every job's gradient is the same (a row's gradient only ever reached its
+own adapter). One pass per step is the fastest where one job alone leaves the device idle (a GPU); smaller passes
+trade that for memory.
+
 Not in multi-job training: gradient accumulation, packing, compile and torchrun (refused); dropout in the adapters
 (a mixed batch does not apply it per row; refused); forms that prepare on data or train with extra loss terms or
 per-step schedules (FishMask, AdaLoRA; refused).
@@ -153,6 +159,27 @@ def row_losses(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, grou
     else:
         each = F.cross_entropy(logits.float(), labels, reduction="none")
     return [each[rows].sum() for rows in groups]
+
+
+def _forward_backward(peft: Peft, model: nn.Module, runs: list[_Run], batches: list[list[dict[str, Any]]], kind: str,
+                      pad_id: int | None, device: torch.device, precision: str,
+                      loss_chunk: int | None) -> list[torch.Tensor]:
+    """One mixed-batch forward and backward over ``runs``' rows (``batches[i]`` is run i's); returns each run's mean
+    loss (the backward has run: each run's gradient sits on its own adapter)."""
+    examples = [e for b in batches for e in b]
+    row_names = [r.name for r, b in zip(runs, batches) for _ in b]
+    groups, start = [], 0
+    for b in batches:
+        groups.append(torch.arange(start, start + len(b), device=device))
+        start += len(b)
+    batch = to_device(collate(examples, pad_id), device)
+    units = [max(1, sum(loss_units(e) for e in b)) for b in batches]
+    with peft.mixed_batch(row_names, train=True):  # the backward too: checkpointing recomputes through it
+        with autocast(device, precision):
+            sums = row_losses(model, batch, kind, groups, loss_chunk)
+        means = [s / u for s, u in zip(sums, units)]
+        torch.stack(means).sum().backward()
+    return means
 
 
 def train_jobs(config: MultiTrainConfig, *,
@@ -313,25 +340,18 @@ def _train_jobs(config: MultiTrainConfig, on_step: Callable[[str, int, float], N
     try:
         while todo:
             batches = [r.next_batch() for r in todo]
-            examples = [e for b in batches for e in b]
-            row_names = [r.name for r, b in zip(todo, batches) for _ in b]
-            groups, start = [], 0
-            for b in batches:
-                groups.append(torch.arange(start, start + len(b), device=device))
-                start += len(b)
             for r in todo:
                 lr = r.job.config.lr * lr_factor(r.state.step, total_steps=r.total, warmup=r.warmup,
                                                  scheduler=r.job.config.scheduler)
                 for group in r.optimizer.param_groups:
                     group["lr"] = lr
             began = time.perf_counter()
-            batch = to_device(collate(examples, pad_id), device)
-            units = [max(1, sum(loss_units(e) for e in b)) for b in batches]
-            with peft.mixed_batch(row_names, train=True):  # the backward too: checkpointing recomputes through it
-                with autocast(device, precision):
-                    sums = row_losses(model, batch, "causal_lm" if causal else kind, groups, first.loss_chunk)
-                means = [s / u for s, u in zip(sums, units)]
-                torch.stack(means).sum().backward()
+            means = []
+            per_pass = config.jobs_per_pass or len(todo)
+            for at in range(0, len(todo), per_pass):  # one forward and backward per pass of jobs_per_pass jobs
+                means += _forward_backward(peft, model, todo[at:at + per_pass], batches[at:at + per_pass],
+                                           "causal_lm" if causal else kind, pad_id, device, precision,
+                                           first.loss_chunk)
             for r in todo:
                 c = r.job.config
                 if c.max_grad_norm is not None:

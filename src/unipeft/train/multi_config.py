@@ -1,7 +1,8 @@
 """A multi-job training config: several adapter jobs trained at once on one copy of the base (``jobs:``).
 
 The YAML is a training config (:class:`unipeft.train.TrainConfig`) whose top-level keys are the defaults of every
-job, plus a ``jobs:`` list; each job has a ``name`` (its adapter's name and its folder under ``output_dir``) and any
+job, plus a ``jobs:`` list (and optionally ``jobs_per_pass``: how many jobs' rows share one forward and backward);
+each job has a ``name`` (its adapter's name and its folder under ``output_dir``) and any
 training keys of its own (method, method_options, task or jsonl, lr, scheduler, batch_size, max_steps, ...)::
 
     model: smollm2-135m
@@ -49,10 +50,13 @@ class MultiTrainConfig:
     Attributes:
         jobs: the jobs, in order (the first one's shared keys describe the base).
         output_dir: the run's folder; job ``name`` writes to ``output_dir/name``.
+        jobs_per_pass: jobs whose rows share one forward and backward (None: every unfinished job, one pass per
+            step); fewer hold less activation memory at once (:mod:`unipeft.train.multi`).
     """
 
     jobs: tuple[Job, ...]
     output_dir: str
+    jobs_per_pass: int | None = None
 
     def __post_init__(self) -> None:
         if not self.jobs:
@@ -61,6 +65,10 @@ class MultiTrainConfig:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"job names must be unique; repeated: {', '.join(repeated)}")
+        if self.jobs_per_pass is not None and (isinstance(self.jobs_per_pass, bool)
+                                               or not isinstance(self.jobs_per_pass, int) or self.jobs_per_pass < 1):
+            raise ValueError(f"jobs_per_pass must be an integer >= 1 or null (every job in one pass), got "
+                             f"{self.jobs_per_pass!r}")
         first = self.jobs[0]
         for job in self.jobs[1:]:
             for key in SHARED_KEYS:
@@ -76,7 +84,8 @@ class MultiTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the output folder and every job's full config."""
-        return {"output_dir": self.output_dir, "jobs": [{"name": j.name, **j.config.to_dict()} for j in self.jobs]}
+        return {"output_dir": self.output_dir, "jobs_per_pass": self.jobs_per_pass,
+                "jobs": [{"name": j.name, **j.config.to_dict()} for j in self.jobs]}
 
 
 def is_multi(data: Mapping[str, Any]) -> bool:
@@ -96,6 +105,7 @@ def multi_config_from_dict(data: Mapping[str, Any]) -> MultiTrainConfig:
     if not isinstance(jobs, list) or not all(isinstance(j, Mapping) for j in jobs):
         raise ValueError(f"jobs must be a list of mappings (each a name and training keys), got {jobs!r}")
     output_dir = str(defaults.pop("output_dir", "runs/multi"))
+    jobs_per_pass = defaults.pop("jobs_per_pass", None)
     built = []
     for index, raw in enumerate(jobs):
         entry = dict(raw)
@@ -112,7 +122,7 @@ def multi_config_from_dict(data: Mapping[str, Any]) -> MultiTrainConfig:
             built.append(Job(name=name, config=train_config_from_dict(merged)))
         except ValueError as err:
             raise ValueError(f"job {name!r}: {err}") from None
-    return MultiTrainConfig(jobs=tuple(built), output_dir=output_dir)
+    return MultiTrainConfig(jobs=tuple(built), output_dir=output_dir, jobs_per_pass=jobs_per_pass)
 
 
 def load_multi_config(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> MultiTrainConfig:
