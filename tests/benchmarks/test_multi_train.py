@@ -15,7 +15,8 @@ def multi_train(import_benchmark):
 
 def test_every_contender_at_tiny_sizes(multi_train, tiny_llama_folder, tmp_path):
     results = multi_train.main(["--model", tiny_llama_folder, "--jobs", "2", "--steps", "2", "--batch", "2",
-                                "--seq", "128", "--threads", "1", "--jobs-per-pass", "1", "--out", str(tmp_path / "r.json")])
+                                "--seq", "128", "--threads", "1", "--jobs-per-pass", "1",
+                                "--out", str(tmp_path / "r.json")])
     runs = {(r["jobs"], r["contender"]): r for r in results["runs"]}
     assert set(runs) == {(1, "multi"), (1, "sequential"), (2, "multi"), (2, "multi p=1"), (2, "sequential"),
                          (2, "processes")}

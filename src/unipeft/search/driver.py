@@ -3,9 +3,9 @@
 Each wave asks the study for ``budget.parallel`` trials (``study.ask()``), turns each into a recipe
 (:mod:`unipeft.search.sample`), checks it on the real base (:mod:`unipeft.search.probe`: an infeasible point, over
 the constraint or not attachable, is told PRUNED with the reason in its user attributes, without training; a point
-already trained gets that trial's outcome, its values or pruned: :func:`point_key`), writes the recipes as YAML and trains the wave's trials together with
-:func:`unipeft.train.multi.train_jobs` (one forward and backward through the frozen base per step for all of them,
-each row through its own trial's adapter). Intermediate evaluations go to the pruner (:mod:`unipeft.search.prune`),
+trained before gets that trial's outcome, its values or pruned: :func:`point_key`), writes the recipes as YAML and
+trains the wave's trials together with :func:`unipeft.train.multi.train_jobs` (one forward and backward through the
+frozen base per step for all of them, each row through its own trial's adapter). Intermediate evaluations go to the pruner (:mod:`unipeft.search.prune`),
 which can stop a trial in the middle of the wave; the others go on. The finished trials are told their objective
 values, ``(metric, params)`` or ``(metric, seconds per step)``: the study is multi-objective (TPE's or NSGA-II's
 multi-objective samplers), and its Pareto front is the report (:mod:`unipeft.search.report`).
