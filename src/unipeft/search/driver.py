@@ -5,8 +5,8 @@ Each wave asks the study for ``budget.parallel`` trials (``study.ask()``), turns
 the constraint or not attachable, is told PRUNED with the reason in its user attributes, without training; a point
 trained before gets that trial's outcome, its values or pruned: :func:`point_key`), writes the recipes as YAML and
 trains the wave's trials together with :func:`unipeft.train.multi.train_jobs` (one forward and backward through the
-frozen base per step for all of them, each row through its own trial's adapter). Intermediate evaluations go to the pruner (:mod:`unipeft.search.prune`),
-which can stop a trial in the middle of the wave; the others go on. The finished trials are told their objective
+frozen base per step for all of them, each row through its own trial's adapter). Intermediate evaluations go to the
+pruner (:mod:`unipeft.search.prune`), which can stop a trial in the middle of the wave; the others go on. The finished trials are told their objective
 values, ``(metric, params)`` or ``(metric, seconds per step)``: the study is multi-objective (TPE's or NSGA-II's
 multi-objective samplers), and its Pareto front is the report (:mod:`unipeft.search.report`).
 
