@@ -6,9 +6,10 @@ the constraint or not attachable, is told PRUNED with the reason in its user att
 trained before gets that trial's outcome, its values or pruned: :func:`point_key`), writes the recipes as YAML and
 trains the wave's trials together with :func:`unipeft.train.multi.train_jobs` (one forward and backward through the
 frozen base per step for all of them, each row through its own trial's adapter). Intermediate evaluations go to the
-pruner (:mod:`unipeft.search.prune`), which can stop a trial in the middle of the wave; the others go on. The finished trials are told their objective
-values, ``(metric, params)`` or ``(metric, seconds per step)``: the study is multi-objective (TPE's or NSGA-II's
-multi-objective samplers), and its Pareto front is the report (:mod:`unipeft.search.report`).
+pruner (:mod:`unipeft.search.prune`), which can stop a trial in the middle of the wave; the others go on. The
+finished trials are told their objective values, ``(metric, params)`` or ``(metric, seconds per step)``: the study is
+multi-objective (TPE's or NSGA-II's multi-objective samplers), and its Pareto front is the report
+(:mod:`unipeft.search.report`).
 
 The study lives in ``output_dir/study.db`` (SQLite). Rerunning the same command resumes: the study is loaded, trials
 left running by an interrupted search are marked failed and their points queued again, and the search goes on until
