@@ -57,3 +57,18 @@ def test_the_loss_on_labelled_positions_equals_the_models_own(tiny_llama_folder)
     want = torch.autograd.grad(model(**batch).loss * label_count(labels), peft.trainable_parameters())
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_a_wrapped_model_whose_body_holds_the_head_gets_the_full_logits_path(tiny_llama_folder):
+    """HF peft's PeftModel forwards attribute lookups, so its ``base_model_prefix`` body is the whole causal LM
+    (head included): the loss must then run the model whole, and still equal the model's own loss."""
+    peft_lib = pytest.importorskip("peft")
+    model, _ = load_model(tiny_llama_folder, kind="causal_lm")
+    wrapped = peft_lib.get_peft_model(model, peft_lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    ids = torch.randint(5, 1000, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    reference = wrapped(**batch).loss * label_count(labels)
+    torch.testing.assert_close(causal_lm_loss_sum(wrapped, batch, chunk=64), reference, rtol=1e-5, atol=1e-5)

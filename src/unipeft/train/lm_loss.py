@@ -112,8 +112,8 @@ def label_count(labels: torch.Tensor) -> int:
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer if the loss may be computed from the body's hidden states with it: a plain
-    ``nn.Linear`` head (no delta placed there), no pre-/post-hooks on the whole model (prompt tuning edits its inputs
-    there), and no logit scaling or soft-capping in the config; else None."""
+    ``nn.Linear`` head (no delta placed there) outside the body, no pre-/post-hooks on the whole model (prompt tuning
+    edits its inputs there), and no logit scaling or soft-capping in the config; else None."""
     if model._forward_pre_hooks or model._forward_hooks or not hasattr(model, "base_model_prefix"):
         return None
     config = getattr(model, "config", None)
@@ -122,6 +122,8 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, model.base_model_prefix, None)
     if type(head) is not nn.Linear or not isinstance(body, nn.Module):
+        return None
+    if any(m is head for m in body.modules()):  # a wrapper (e.g. HF peft's PeftModel) whose "body" is the whole LM
         return None
     return head
 
