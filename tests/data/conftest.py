@@ -1,22 +1,10 @@
-"""Shared fixtures for the data-layer tests: the real data directory and the MiniLM tokenizer."""
+"""Shared fixtures for the data-layer tests: the MiniLM tokenizer (the real data directory is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-from unipeft.data import resolve_data_dir
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The real data directory (../shared/data); tests that need it skip when it is absent."""
-    try:
-        return resolve_data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"real datasets not available: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 
-from unipeft.search.space import SearchSpace, space_from_dict
+from unipeft.search.space import SearchSpace, check_keys, space_from_dict
 from unipeft.train.config import TrainConfig, set_override, train_config_from_dict
 from unipeft.util.files import read_mapping
 
@@ -192,10 +192,7 @@ def _section(cls: type, data: Any, where: str) -> Any:
         return cls()
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    check_keys(data, [f.name for f in fields(cls)], where)
     values = dict(data)
     if cls is Constraints and isinstance(values.get("max_percent"), str):
         values["max_percent"] = float(values["max_percent"])

@@ -23,7 +23,7 @@ Only forms that train in mixed batches can be searched (every trial of a wave sh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,6 +44,16 @@ DEFAULT_LR = 1e-3
 
 Choice = tuple[Any, ...]
 
+
+def check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    """Refuse keys of ``data`` outside ``valid``, naming them and the valid ones.
+
+    Raises:
+        ValueError: ``<where>: unknown key(s) a, b; valid: ...``.
+    """
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
 
 def _choices(key: str, value: Any) -> Choice:
     """A list of choices as a tuple; a scalar as one choice."""
@@ -167,10 +177,7 @@ def _form_choices(name: str, raw: Any, defaults: Mapping[str, Any]) -> FormChoic
                          f"got {raw!r}")
     cls = form_config_class(name)
     hyper = [f.name for f in fields(cls) if f.name != "type"]
-    unknown = sorted(set(raw) - set(hyper) - set(PLACEMENT_KEYS))
-    if unknown:
-        raise ValueError(f"space.forms.{name}: unknown key(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(hyper + list(PLACEMENT_KEYS))}")
+    check_keys(raw, hyper + list(PLACEMENT_KEYS), f"space.forms.{name}")
     if "dropout" in raw and any(v != 0 for v in _choices("dropout", raw["dropout"])):
         raise ValueError(f"space.forms.{name}.dropout: must be 0 (multi-adapter training cannot apply dropout per row)")
     where = f"space.forms.{name}"
@@ -233,9 +240,7 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
     if not isinstance(data, Mapping):
         raise ValueError(f"space must be a mapping (forms, positions, layers, ...), got {data!r}")
     valid = ("forms", "positions", "layers", "insertions", "compositions", "scales", "recipes", "lr")
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"space: unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    check_keys(data, valid, "space")
     defaults = {k: data[k] for k in ("positions", "layers", "insertions", "compositions", "lr") if k in data}
     forms_raw = data.get("forms") or {}
     if not isinstance(forms_raw, Mapping):
@@ -245,4 +250,4 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
     return SearchSpace(forms=forms, scales=scales, recipes=_recipes(data.get("recipes")))
 
 
-__all__ = ["SearchSpace", "FormChoices", "SEARCHABLE_FORMS", "SEARCHABLE_COMPOSITIONS", "space_from_dict"]
+__all__ = ["SearchSpace", "FormChoices", "SEARCHABLE_FORMS", "SEARCHABLE_COMPOSITIONS", "check_keys", "space_from_dict"]
