@@ -11,6 +11,7 @@ from unipeft.serve.config import ServeConfig, load_serve_config
 @pytest.mark.parametrize("kwargs, words", [
     ({"device": "tpu"}, ["tpu", "auto, cpu, cuda"]),
     ({"max_batch": 0}, ["max_batch", ">= 1"]),
+    ({"prefill_tokens": 0}, ["prefill_tokens", ">= 1", "got 0"]),
     ({"port": 70000}, ["port"]),
     ({"adapters": {"a/b": "x"}}, ["a/b"]),
     ({"adapters": {"a": "x", "b": "y"}, "max_resident": 1}, ["pinned", "max_resident is 1"]),

@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="default 8000 (0: any free port, printed at start)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-batch", type=int, help="sequences decoded together per step (default 16)")
+    p.add_argument("--prefill-tokens", type=int,
+                   help="prompt tokens (rows x longest, padded) prefilled in one forward (default 4096)")
     p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 64)")
     p.add_argument("--max-resident", type=int, help="adapters held in memory (default 8; LRU eviction)")
     p.add_argument("--max-tokens", type=int, help="the largest max_tokens a request may ask for (default 256)")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_serve_config(args.config) if args.config else ServeConfig()
     overrides = {"model": args.model, "adapter_dir": args.adapter_dir, "host": args.host, "port": args.port,
-                 "device": args.device, "max_batch": args.max_batch, "queue_size": args.queue_size,
+                 "device": args.device, "max_batch": args.max_batch,
+                 "prefill_tokens": args.prefill_tokens, "queue_size": args.queue_size,
                  "max_resident": args.max_resident, "max_tokens": args.max_tokens, "max_context": args.max_context,
                  "api_key": args.api_key, "admin_key": args.admin_key}
     changes = {k: v for k, v in overrides.items() if v is not None}

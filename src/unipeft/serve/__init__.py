@@ -50,7 +50,7 @@ def build_app(config: ServeConfig) -> Any:
         registry.load(name, path, pinned=True, allow_anywhere=True)  # the operator's own command line
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
     engine = Engine(registry, max_batch=config.max_batch, queue_size=config.queue_size, max_context=max_context,
-                    mixed=config.mixed)
+                    mixed=config.mixed, prefill_tokens=config.prefill_tokens)
     base_name = Path(config.model).name
     app: FastAPI = create_app(engine, tokenizer, base_name=base_name, max_tokens=config.max_tokens,
                               max_context=max_context, api_key=config.api_key, admin_key=config.admin_key)

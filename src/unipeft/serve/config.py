@@ -24,6 +24,8 @@ class ServeConfig:
         host, port: where to listen (127.0.0.1 by default: loopback only).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         max_batch: the most sequences decoded together in one step.
+        prefill_tokens: the most prompt tokens (rows x longest prompt, padding included) prefilled in one forward
+            when several requests join the batch at once (a longer prompt is prefilled alone).
         queue_size: the most requests waiting to join the batch; past it a request gets 503 with Retry-After at once.
         max_resident: the most adapters held in memory; the least recently used unpinned one is evicted beyond it.
         max_tokens: the largest ``max_tokens`` a request may ask for (and the default).
@@ -41,6 +43,7 @@ class ServeConfig:
     port: int = 8000
     device: str = "auto"
     max_batch: int = 16
+    prefill_tokens: int = 4096
     queue_size: int = 64
     max_resident: int = 8
     max_tokens: int = 256
@@ -52,7 +55,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
-        for name in ("max_batch", "queue_size", "max_resident", "max_tokens"):
+        for name in ("max_batch", "prefill_tokens", "queue_size", "max_resident", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -1,7 +1,8 @@
 """The serving engine: continuous (iteration-level) batching of many adapters on one base, on one thread.
 
-Between two decoding steps, waiting requests join the running batch (each is prefilled alone, with its adapter, into
-its own KV cache, which is then left-padded into the batch's cache) and finished or cancelled ones leave it (their rows
+Between two decoding steps, waiting requests join the running batch (those that arrive together are prefilled
+together, in one left-padded forward of up to ``prefill_tokens`` prompt tokens, each row with its own adapter, into a
+fresh KV cache, which is then left-padded into the batch's cache) and finished or cancelled ones leave it (their rows
 are dropped and the columns that only padding holds are cut). Every decoding step is one forward of the whole batch,
 every row with its own adapter, through the public mixed-batch API (``peft.mixed_batch(names)``, Punica's BGMV
 gather). How rows of different lengths share a step: **left padding with per-row positions** — the batch cache is
@@ -17,6 +18,7 @@ With ``mixed=False`` a step runs only the rows of one adapter (groups in turn): 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -78,7 +80,8 @@ class Engine:
     """Continuous batching over a model with an :class:`AdapterRegistry` (see the module docstring)."""
 
     def __init__(self, registry: AdapterRegistry, *, max_batch: int, queue_size: int, max_context: int,
-                 mixed: bool = True, on_step: Callable[[int], None] | None = None) -> None:
+                 mixed: bool = True, on_step: Callable[[int], None] | None = None,
+                 prefill_tokens: int = 4096) -> None:
         self.registry = registry
         self.peft = registry.peft
         self.model = registry.peft.model
@@ -87,6 +90,10 @@ class Engine:
         self.mixed = mixed
         self.on_step = on_step
         self.device = next(self.model.parameters()).device
+        self.prefill_tokens = prefill_tokens
+        # the prefill needs the logits of each prompt's last position only: (B, T, V) logits are most of its memory
+        accepts = inspect.signature(self.model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self._waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=queue_size)
         self._commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
             queue.Queue()
@@ -184,11 +191,13 @@ class Engine:
                 finish(None, err)
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch:
+        """Take waiting requests while the batch has room and prefill them together (see :meth:`_prefill`)."""
+        group: list[GenRequest] = []
+        while len(self._rows) + len(group) < self.max_batch:
             try:
                 req = self._waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if req.cancelled.is_set():
                 continue
             try:
@@ -196,41 +205,52 @@ class Engine:
             except AdapterError as err:
                 req.emit(("error", err))
                 continue
+            group.append(req)
+        for chunk in _prefill_chunks(group, self.prefill_tokens):
             try:
-                self._prefill(req)
+                self._prefill(chunk)
             except Exception as err:
                 log.exception("prefill failed")
-                self.registry.release(req.adapter)
-                req.emit(("error", AdapterError(f"prefill failed: {err}", 500, None)))
+                for req in chunk:
+                    self.registry.release(req.adapter)
+                    req.emit(("error", AdapterError(f"prefill failed: {err}", 500, None)))
 
-    def _prefill(self, req: GenRequest) -> None:
-        ids = torch.tensor([req.prompt], device=self.device)
+    def _prefill(self, reqs: list[GenRequest]) -> None:
+        """One forward over the prompts of ``reqs`` (left-padded, per-row positions, each row its own adapter) into
+        a fresh cache, which then joins the batch's; each row's first token is sampled from its last position."""
+        width = max(len(r.prompt) for r in reqs)
+        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in reqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in reqs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with self.peft.mixed_batch([req.adapter]):
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        generator = None
-        if req.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2 ** 63)))
-        row = _Row(req=req, generator=generator, length=len(req.prompt), last=0)
-        token = self._sample(row, logits)
+        with self.peft.mixed_batch([r.adapter for r in reqs]):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, **self._last_only).logits[:, -1]
+        rows = []
+        for req in reqs:
+            generator = None
+            if req.temperature > 0:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2 ** 63)))
+            rows.append(_Row(req=req, generator=generator, length=len(req.prompt), last=0))
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
-        self._join(row, keys, values)
-        self._accept(row, token)
+        self._join(rows, keys, values, mask)
+        for j, row in enumerate(rows):
+            self._accept(row, self._sample(row, logits[j]))
 
-    def _join(self, row: _Row, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        length = keys[0].shape[2]
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def _join(self, rows: list[_Row], keys: list[torch.Tensor], values: list[torch.Tensor],
+              mask: torch.Tensor) -> None:
         if not self._rows:
             self._keys, self._values, self._mask = keys, values, mask
         else:
-            width = max(self._mask.shape[1], length)
+            width = max(self._mask.shape[1], mask.shape[1])
             self._keys = [torch.cat([_left_pad(a, width), _left_pad(b, width)]) for a, b in zip(self._keys, keys)]
             self._values = [torch.cat([_left_pad(a, width), _left_pad(b, width)])
                             for a, b in zip(self._values, values)]
             self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
-        self._rows.append(row)
+        self._rows.extend(rows)
 
     def _step(self) -> None:
         rows = list(range(len(self._rows)))
@@ -321,6 +341,18 @@ class Engine:
             keep = sorted_probs.cumsum(0) - sorted_probs < req.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _prefill_chunks(reqs: list[GenRequest], tokens: int) -> list[list[GenRequest]]:
+    """``reqs`` sorted by prompt length and cut into groups whose padded size (rows x longest prompt) stays within
+    ``tokens`` (a longer prompt goes alone): one prefill forward per group."""
+    chunks: list[list[GenRequest]] = []
+    for req in sorted(reqs, key=lambda r: len(r.prompt)):
+        if chunks and (len(chunks[-1]) + 1) * len(req.prompt) <= tokens:
+            chunks[-1].append(req)
+        else:
+            chunks.append([req])
+    return chunks
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
