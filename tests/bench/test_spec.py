@@ -98,3 +98,22 @@ def test_the_user_jsonl_example_parses():
     config = spec.config(spec.method("lora"), 1, "o")
     assert config.jsonl is not None and config.jsonl.train_path == "my/train.jsonl" and config.task == "reviews"
     assert config.jsonl.label_names == ("negative", "positive")
+
+
+@pytest.mark.parametrize("name", ["search_sst2_baselines", "search_stsb_baselines"])
+def test_search_comparison_configs_parse_and_their_found_recipes_load(name):
+    """The comparisons of docs/search.md: every entry builds a config, every found recipe file is a valid recipe."""
+    from pathlib import Path
+
+    from unipeft.core.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_spec(root / "configs" / f"{name}.yaml")
+    found = [m for m in spec.methods if m.name.startswith("found_")]
+    assert len(found) >= 3 and list(spec.seeds) == [0, 1, 2]
+    for method in spec.methods:
+        config = spec.config(method, 0, "runs/x")
+        assert config.max_steps == 150 and config.batch_size == 16
+    for method in found:
+        recipe = load_recipe(root / method.method)
+        assert recipe.deltas and recipe.family == "unified", method.name
