@@ -227,3 +227,14 @@ def test_specs_are_frozen_and_hashable_data():
     with pytest.raises(AttributeError):
         spec.scale = 2.0  # type: ignore[misc]
     assert spec == DeltaSpec.from_dict({"form": {"type": "lora"}, "positions": ["attn.q"]})
+
+
+@pytest.mark.parametrize("insertion", ["multiplicative", "multiplicative_input"])
+@pytest.mark.parametrize("composition", ["scaled", "gated"])
+def test_a_multiplicative_delta_refuses_a_composition(insertion, composition):
+    """h' = h ⊙ l has no Δh to scale or gate: before this was refused, ``scaled`` ×4 and ×2 trained the same model."""
+    with pytest.raises(ValueError, match=f"composition '{composition}' of form 'ia3' at insertion '{insertion}'.*"
+                                         "use composition 'add'"):
+        Recipe.from_dict(_recipe({"form": {"type": "ia3"}, "positions": ["attn.k"], "insertion": insertion,
+                                  "composition": composition, "scale": 4.0}))
+    Recipe.from_dict(_recipe({"form": {"type": "ia3"}, "positions": ["attn.k"], "insertion": insertion}))

@@ -135,3 +135,23 @@ def test_a_shipped_recipe_and_the_same_point_sampled_form_by_form_are_one_point(
 
 
 SSF_POSITIONS = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down", "norm"]
+
+
+def test_a_multiplicative_point_is_sampled_without_a_composition(tmp_path, tiny_bert_folder, data_dir):
+    """The composition is an additive delta's choice: an (IA)³ point never asks for one (so never two names for one
+    model), an additive one still does."""
+    from optuna.trial import FixedTrial
+
+    data = config_data(tmp_path, tiny_bert_folder, data_dir)
+    data["space"] = {"forms": {"ia3": {"lr": [1e-2], "positions": [["attn.k", "attn.v"]]},
+                               "lora": {"r": [4], "lr": [1e-3]}},
+                     "positions": [["attn.q", "attn.v"]], "layers": [None], "compositions": ["add", "scaled"],
+                     "scales": [4.0], "insertions": ["parallel", "multiplicative_input"]}
+    space = search_config_from_dict(data).space
+    ia3 = suggest(FixedTrial({"point": "form:ia3", "ia3.positions": "attn.k,attn.v", "ia3.layers": "all",
+                              "ia3.insertion": "multiplicative_input", "ia3.lr": 1e-2}), space, name="a")
+    assert ia3.recipe.deltas[0].composition == "add" and ia3.recipe.deltas[0].scale == 1.0
+    lora = suggest(FixedTrial({"point": "form:lora", "lora.r": 4, "lora.positions": "attn.q,attn.v",
+                               "lora.layers": "all", "lora.insertion": "parallel", "lora.composition": "scaled",
+                               "scale": 4.0, "lora.lr": 1e-3}), space, name="b")
+    assert lora.recipe.deltas[0].composition == "scaled" and lora.recipe.deltas[0].scale == 4.0

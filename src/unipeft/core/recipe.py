@@ -69,6 +69,11 @@ class DeltaSpec:
                              f"valid: {', '.join(self.form.insertions)}")
         if self.composition not in COMPOSITIONS:
             raise ValueError(f"unknown composition {self.composition!r}; valid: {', '.join(COMPOSITIONS)}")
+        if insertion in ("multiplicative", "multiplicative_input") and (self.composition != "add" or self.learn_scale):
+            # h' = h ⊙ l has no Δh to scale or gate: a composition here would be silently ignored
+            raise ValueError(f"composition {self.composition!r} of form '{self.form.type}' at insertion "
+                             f"{insertion!r}: a multiplicative delta (h' = h ⊙ l) has no Δh to compose; use "
+                             "composition 'add' (the default), or an additive insertion (parallel, sequential)")
         assert insertion in INSERTIONS
 
     @property

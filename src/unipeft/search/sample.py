@@ -91,7 +91,9 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, name: str) -> Candidate:
                       .split(","))
     layers = _decode_layers(_pick(trial, f"{which}.layers", tuple(_encode_layers(s) for s in form.layers)))
     insertion = _pick(trial, f"{which}.insertion", form.insertions)
-    composition = _pick(trial, f"{which}.composition", form.compositions)
+    # a multiplicative delta has no Δh to compose (DeltaSpec refuses it): composition is an additive one's choice
+    composition = "add" if insertion.startswith("multiplicative") else \
+        _pick(trial, f"{which}.composition", form.compositions)
     scale = float(_pick(trial, "scale", space.scales)) if composition == "scaled" else 1.0
     lr = float(_pick(trial, f"{which}.lr", form.lrs))
     spec = DeltaSpec(form=form_config({"type": which, **options}), positions=positions, layers=layers,
