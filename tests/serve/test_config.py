@@ -35,3 +35,9 @@ def test_yaml_config_reads_the_same_keys(tmp_path):
 def test_cli_refuses_a_bad_adapter_argument(capsys):
     assert main(["serve", "--adapter", "no-equals-sign"]) == 2
     assert "--adapter takes NAME=PATH" in capsys.readouterr().err
+
+
+def test_cli_prefill_tokens_reaches_the_config_and_a_bad_one_is_refused(capsys):
+    """``--prefill-tokens`` is checked like the config key (before any model loads): 0 names the key and the bound."""
+    assert main(["serve", "--prefill-tokens", "0"]) == 2
+    assert "prefill_tokens must be >= 1, got 0" in capsys.readouterr().err

@@ -219,9 +219,9 @@ class Engine:
         """One forward over the prompts of ``reqs`` (left-padded, per-row positions, each row its own adapter) into
         a fresh cache, which then joins the batch's; each row's first token is sampled from its last position."""
         width = max(len(r.prompt) for r in reqs)
-        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in reqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in reqs],
-                            device=self.device)
+        pads = [width - len(r.prompt) for r in reqs]
+        ids = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, reqs)], device=self.device)
+        mask = torch.tensor([[0] * pad + [1] * len(r.prompt) for pad, r in zip(pads, reqs)], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         with self.peft.mixed_batch([r.adapter for r in reqs]):
