@@ -75,11 +75,11 @@ def served(tmp_path_factory) -> dict[str, Any]:
 
 def start_server(adapter_dir: Path, *extra: str, pinned: tuple[str, ...] = ("a", "b")) -> tuple[subprocess.Popen, str]:
     """``unipeft serve`` on a free loopback port with the ``pinned`` adapters of ``adapter_dir`` (and the folder for
-    the others); returns the process and the URL once /health answers."""
+    the others), in float32 like the offline references; returns the process and the URL once /health answers."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("unipeft")), "serve", "--model", "smollm2-135m",
                *[x for name in pinned for x in ("--adapter", f"{name}={adapter_dir / name}")],
-               "--adapter-dir", str(adapter_dir), "--port", str(port), "--device", "cpu", *extra]
+               "--adapter-dir", str(adapter_dir), "--port", str(port), "--device", "cpu", "--dtype", "float32", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

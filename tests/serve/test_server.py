@@ -176,3 +176,9 @@ def test_metrics_are_prometheus_text(server):
                  "unipeft_batch_size_bucket", "unipeft_adapters_loaded", "unipeft_time_to_first_token_seconds_bucket",
                  "unipeft_time_per_output_token_seconds_bucket"):
         assert name in text, name
+
+
+def test_health_names_the_device_and_dtype(server):
+    """The fixture asks for float32 (its references are float32), so that is what the server reports running."""
+    body = httpx.get(f"{server}/health").json()
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["dtype"] == "float32", body

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from unipeft.serve.config import DEVICES, SERVE_DTYPES
+
 
 def _adapter(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -25,7 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-dir", help="the only folder adapters may be loaded from at run time")
     p.add_argument("--host", help="default 127.0.0.1")
     p.add_argument("--port", type=int, help="default 8000 (0: any free port, printed at start)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--dtype", choices=SERVE_DTYPES,
+                   help="the base's dtype (default auto: bfloat16 where the device multiplies it natively, else "
+                        "float32 on a CPU, float16 on an older GPU)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together per step (default 16)")
     p.add_argument("--prefill-tokens", type=int,
                    help="prompt tokens (rows x longest, padded) prefilled in one forward (default 4096)")
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_serve_config(args.config) if args.config else ServeConfig()
     overrides = {"model": args.model, "adapter_dir": args.adapter_dir, "host": args.host, "port": args.port,
-                 "device": args.device, "max_batch": args.max_batch,
+                 "device": args.device, "dtype": args.dtype, "max_batch": args.max_batch,
                  "prefill_tokens": args.prefill_tokens, "queue_size": args.queue_size,
                  "max_resident": args.max_resident, "max_tokens": args.max_tokens, "max_context": args.max_context,
                  "api_key": args.api_key, "admin_key": args.admin_key}

@@ -30,6 +30,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype ``dtype`` names; ``auto``: bfloat16 where ``device`` multiplies it natively, else float16 on
+    a GPU and float32 on a CPU (the trainer's capability rule, :func:`unipeft.train.precision.resolve_precision`)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    from unipeft.train.precision import DTYPES, resolve_precision
+
+    return DTYPES[resolve_precision("auto", device)]
+
+
 def build_app(config: ServeConfig) -> Any:
     """Load the base and the startup adapters, start the engine, and return the FastAPI app (the engine drains and
     stops when the app shuts down)."""
@@ -42,8 +52,9 @@ def build_app(config: ServeConfig) -> Any:
     from unipeft.serve.registry import AdapterRegistry
 
     device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     model, tokenizer = load_model(config.model, kind="causal_lm")
-    model.to(device).eval()
+    model.to(device=device, dtype=dtype).eval()
     peft = Peft(model)
     registry = AdapterRegistry(peft, adapter_dir=config.adapter_dir, max_resident=config.max_resident)
     for name, path in config.adapters.items():
@@ -58,7 +69,8 @@ def build_app(config: ServeConfig) -> Any:
     @asynccontextmanager
     async def lifespan(_: Any):
         engine.start()
-        log.info("serving %s with adapters %s on %s", base_name, ", ".join(registry.names()) or "-", device)
+        log.info("serving %s (%s) with adapters %s on %s", base_name, dtype, ", ".join(registry.names()) or "-",
+                 device)
         try:
             yield
         finally:
@@ -68,4 +80,4 @@ def build_app(config: ServeConfig) -> Any:
     return app
 
 
-__all__ = ["ServeConfig", "build_app", "load_serve_config", "serve_config_from_dict", "resolve_device"]
+__all__ = ["ServeConfig", "build_app", "load_serve_config", "serve_config_from_dict", "resolve_device", "resolve_dtype"]

@@ -117,6 +117,7 @@ def create_app(engine: Engine, tokenizer: Any, *, base_name: str, max_tokens: in
     """The FastAPI app serving ``engine`` (see the module docstring)."""
     app = FastAPI(title="unipeft serve", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
+    dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     engine.on_step = lambda rows: metrics.step_rows.observe(rows)
     eos = tuple(t for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)} if t is not None) \
         if getattr(tokenizer, "eos_token_id", None) is not None else ()
@@ -347,7 +348,8 @@ def create_app(engine: Engine, tokenizer: Any, *, base_name: str, max_tokens: in
     async def health() -> Response:
         if engine.draining:
             return _error(503, "shutting down", None, {"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "running": engine.batch_size, "waiting": engine.queue_depth})
+        return JSONResponse({"status": "ok", "running": engine.batch_size, "waiting": engine.queue_depth,
+                             "device": str(engine.device), "dtype": dtype})
 
     @app.get("/metrics", dependencies=[Depends(user)])
     async def prometheus() -> Response:
