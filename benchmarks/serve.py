@@ -12,6 +12,10 @@ p99). In the same run, the baselines:
   batch runs until its longest request ends).
 
     python benchmarks/serve.py --adapters 32 --requests 48 --out results/serve.json
+    python benchmarks/serve.py --dtype bfloat16        # every contender in bf16 (default auto: the servers' rule)
+
+``--dtype`` applies to all three contenders (HF peft's model and adapters are cast to it after loading, as the
+servers load theirs in the base's dtype); ``auto`` is resolved once, by the servers' capability rule.
 
 Prints one table and the ratios; docs/serving.md records the figures with the machine.
 """
@@ -20,18 +24,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 
+from unipeft.serve import resolve_dtype
+from unipeft.serve.config import SERVE_DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "My favourite colour is",
            "The best way to learn is", "In 1969, the first", "Water boils at", "A good breakfast has"]
@@ -104,8 +112,8 @@ def _q(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def hf_static(folder: Path, adapters: int, jobs: list[tuple[str, str, int]], batch: int) -> dict:
-    """HF peft with every adapter loaded; static batches of ``batch`` in arrival order, ``adapter_names=`` per row."""
+def hf_model(folder: Path, adapters: int, dtype: torch.dtype) -> tuple[Any, Any]:
+    """HF peft's model on SmolLM2 with every adapter loaded, cast to ``dtype``, and its left-padding tokenizer."""
     from peft import PeftModel
 
     from unipeft.models import load_model
@@ -114,8 +122,14 @@ def hf_static(folder: Path, adapters: int, jobs: list[tuple[str, str, int]], bat
     model = PeftModel.from_pretrained(model, str(folder / "a0"), adapter_name="a0")
     for i in range(1, adapters):
         model.load_adapter(str(folder / f"a{i}"), adapter_name=f"a{i}")
-    model.eval()
+    model.to(dtype).eval()
     tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def hf_static(model: Any, tokenizer: Any, jobs: list[tuple[str, str, int]], batch: int) -> dict:
+    """Static batches of ``batch`` in arrival order, each until its longest request ends, ``adapter_names=`` per
+    row."""
     start = time.perf_counter()
     tokens = 0
     for at in range(0, len(jobs), batch):
@@ -129,35 +143,69 @@ def hf_static(folder: Path, adapters: int, jobs: list[tuple[str, str, int]], bat
     return {"wall_s": wall, "requests_per_s": len(jobs) / wall, "tokens_per_s": tokens / wall}
 
 
-def main() -> int:
+def median_run(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds, and every round's tokens/s."""
+    out = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    out["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in rounds]
+    return out
+
+
+def _server_helpers() -> Any:
+    """tests/serve/conftest.py, by its path (the tests' way to start and stop a real ``unipeft serve``)."""
+    spec = importlib.util.spec_from_file_location("unipeft_serve_helpers", ROOT / "tests" / "serve" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds; each figure is the rounds' median")
+    parser.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
+                        help="every contender's dtype (auto: bfloat16 where the CPU multiplies it natively, else float32)")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args()
-    from serve.conftest import start_server, stop_server  # the tests' way to run the real server
+    args = parser.parse_args(argv)
+    helpers = _server_helpers()
+    start_server, stop_server = helpers.start_server, helpers.stop_server
 
-    results: dict = {"setup": vars(args)}
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"dtype: {dtype_name} (asked: {args.dtype})", flush=True)
+    results: dict = {"setup": {**vars(args), "dtype_used": dtype_name}}
+    modes = ("mixed", "one adapter per step", "hf peft static")
+    rounds: dict[str, list[dict]] = {f"{mode} / {mix}": [] for mode in modes for mix in args.mixes}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_adapters(folder, args.adapters)
-        for mode, extra in (("mixed", ()), ("one adapter per step", ("--no-mixed",))):
-            process, url = start_server(folder, *extra, "--max-batch", str(args.batch), "--queue-size", "1024",
-                                        "--max-resident", str(args.adapters + 2), "--max-tokens", "32", pinned=())
-            try:
-                warm = workload("distinct", args.adapters, args.adapters)  # loads every adapter once
-                asyncio.run(_drive(url, warm))
+        servers = {}
+        try:
+            for mode, extra in (("mixed", ()), ("one adapter per step", ("--no-mixed",))):
+                servers[mode] = start_server(folder, *extra, "--dtype", dtype_name, "--max-batch", str(args.batch),
+                                             "--queue-size", "1024", "--max-resident", str(args.adapters + 2),
+                                             "--max-tokens", "32", pinned=())
+            model, tokenizer = hf_model(folder, args.adapters, dtype)
+            contenders = {mode: (lambda jobs, url=url: asyncio.run(_drive(url, jobs)))
+                          for mode, (_, url) in servers.items()}
+            contenders["hf peft static"] = lambda jobs: hf_static(model, tokenizer, jobs, args.batch)
+            for run in contenders.values():  # loads every adapter, then one unmeasured pass at the measured size
+                run(workload("distinct", args.adapters, args.adapters))
+                run(workload("distinct", args.adapters, args.requests, seed=1))
+            for r in range(args.rounds):  # every contender in every round, the order rotating: drift hits all
+                order = list(modes[r % len(modes):] + modes[:r % len(modes)])
                 for mix in args.mixes:
-                    results[f"{mode} / {mix}"] = asyncio.run(_drive(url, workload(mix, args.adapters, args.requests)))
-                    print(mode, mix, json.dumps(results[f"{mode} / {mix}"]), flush=True)
-            finally:
+                    jobs = workload(mix, args.adapters, args.requests)
+                    for mode in order:
+                        rounds[f"{mode} / {mix}"].append(contenders[mode](jobs))
+                        print(f"round {r} {mode} / {mix}: {rounds[f'{mode} / {mix}'][-1]['tokens_per_s']:.1f} tok/s",
+                              flush=True)
+        finally:
+            for process, _ in servers.values():
                 stop_server(process)
-        for mix in args.mixes:
-            results[f"hf peft static / {mix}"] = hf_static(folder, args.adapters,
-                                                           workload(mix, args.adapters, args.requests), args.batch)
-            print("hf", mix, json.dumps(results[f"hf peft static / {mix}"]), flush=True)
+    results.update({key: median_run(runs) for key, runs in rounds.items()})
     ratios = {mix: {"mixed/hf_static": results[f"mixed / {mix}"]["tokens_per_s"] /
                     results[f"hf peft static / {mix}"]["tokens_per_s"],
                     "mixed/one_per_step": results[f"mixed / {mix}"]["tokens_per_s"] /
@@ -178,8 +226,8 @@ def main() -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -28,7 +28,9 @@ class ServeConfig:
             device's capability, never assumed — bfloat16 where it multiplies bf16 natively (a CUDA GPU of compute
             capability 8+; a CPU with AVX-512 BF16 or AMX, where a bf16 matmul measured 2.7x faster than fp32),
             else float16 on an older GPU and float32 on a CPU without it (bf16 measured 23-31x slower there).
-            Adapters keep the dtype they were saved in; their small products run in it.
+            Adapters are loaded in the base's dtype (as vLLM's ``--lora-dtype auto``). vLLM's own ``auto`` takes the
+            dtype the model's config names instead; ours follows the hardware, because a config's bfloat16 (most
+            hub models' own) would run 23-31x slower than float32 on a CPU without native bf16.
         max_batch: the most sequences decoded together in one step.
         prefill_tokens: the most prompt tokens (rows x longest prompt, padding included) prefilled in one forward
             when several requests join the batch at once (a longer prompt is prefilled alone).
