@@ -80,4 +80,5 @@ def build_app(config: ServeConfig) -> Any:
     return app
 
 
-__all__ = ["ServeConfig", "build_app", "load_serve_config", "serve_config_from_dict", "resolve_device", "resolve_dtype"]
+__all__ = ["ServeConfig", "build_app", "load_serve_config", "serve_config_from_dict", "resolve_device",
+           "resolve_dtype"]

@@ -27,10 +27,9 @@ class ServeConfig:
         dtype: the base's dtype (vLLM's names): ``float32``, ``bfloat16``, ``float16``, or ``auto``: chosen by the
             device's capability, never assumed — bfloat16 where it multiplies bf16 natively (a CUDA GPU of compute
             capability 8+; a CPU with AVX-512 BF16 or AMX, where a bf16 matmul measured 2.7x faster than fp32),
-            else float16 on an older GPU and float32 on a CPU without it (bf16 measured 23-31x slower there).
-            Adapters are loaded in the base's dtype (as vLLM's ``--lora-dtype auto``). vLLM's own ``auto`` takes the
-            dtype the model's config names instead; ours follows the hardware, because a config's bfloat16 (most
-            hub models' own) would run 23-31x slower than float32 on a CPU without native bf16.
+            else float16 on an older GPU and float32 on a CPU without it (bf16 measured 23-31x slower there, which
+            is why ours follows the hardware where vLLM's ``auto`` takes the dtype the model's config names).
+            Adapters are loaded in the base's dtype (as vLLM's ``--lora-dtype auto``).
         max_batch: the most sequences decoded together in one step.
         prefill_tokens: the most prompt tokens (rows x longest prompt, padding included) prefilled in one forward
             when several requests join the batch at once (a longer prompt is prefilled alone).
