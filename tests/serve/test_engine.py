@@ -11,7 +11,7 @@ import torch
 
 import unipeft
 from tests.serve.conftest import PROMPTS, TOKENS
-from unipeft.serve.engine import Engine, GenRequest, _prefill_chunks
+from unipeft.serve.engine import Engine, GenRequest, _contiguous_head, _prefill_chunks
 
 
 def _request(prompt: list[int], adapter: str | None, events: list, done: threading.Event, left: list[int]):
@@ -126,3 +126,30 @@ def test_prefill_chunks_sort_by_length_and_keep_the_token_budget():
     assert [[len(r.prompt) for r in c] for c in chunks] == [[2, 3, 5], [9], [40]]
     assert all(len(c) * max(len(r.prompt) for r in c) <= 20 for c in chunks[:-1])
     assert _prefill_chunks([], 20) == []
+
+
+def test_contiguous_head_gives_the_head_a_contiguous_input_only_inside_the_block():
+    """The prefill's last-position slice ``hidden[:, -1:, :]`` is strided; inside the block the head sees it
+    contiguous (same values), and the hook is gone afterwards."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 5, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model, seen = Tiny(), []
+    model.head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    hidden = torch.randn(3, 4, 8)[:, -1:, :]
+    assert not hidden.is_contiguous()
+    plain = model.head(hidden)
+    with _contiguous_head(model):
+        inside = model.head(hidden)
+    after = model.head(hidden)
+    assert seen == [False, True, False]
+    torch.testing.assert_close(inside, plain)
+    torch.testing.assert_close(after, plain)
+    with _contiguous_head(torch.nn.Identity()):  # a model without an output head passes through
+        pass
