@@ -38,6 +38,7 @@ import torch
 
 from unipeft.serve import resolve_dtype
 from unipeft.serve.config import SERVE_DTYPES
+from unipeft.serve.engine import _contiguous_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,10 +124,6 @@ def hf_model(folder: Path, adapters: int, dtype: torch.dtype) -> tuple[Any, Any]
     for i in range(1, adapters):
         model.load_adapter(str(folder / f"a{i}"), adapter_name=f"a{i}")
     model.to(dtype).eval()
-    # the engine's fix for bf16 prefill (serve/engine.py's _contiguous_head) given to the peer too: generate() also
-    # slices the last position for a frozen head, and on CPU in bf16 that alone made its 16-row prefill 3x slower;
-    # with it the ratio measures the batching, not a torch quirk one side works around
-    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
     tokenizer.padding_side = "left"
     return model, tokenizer
 
@@ -139,7 +136,10 @@ def hf_static(model: Any, tokenizer: Any, jobs: list[tuple[str, str, int]], batc
     for at in range(0, len(jobs), batch):
         chunk = jobs[at:at + batch]
         inputs = tokenizer([p for _, p, _ in chunk], return_tensors="pt", padding=True)
-        with torch.no_grad():
+        # the engine's bf16 prefill fix given to the peer too: generate() also slices the last position for a frozen
+        # head, and on CPU in bf16 that alone made its 16-row prefill 3x slower; with it the ratio measures the
+        # batching, not a torch quirk one side works around
+        with torch.no_grad(), _contiguous_head(model):
             model.generate(**inputs, adapter_names=[a for a, _, _ in chunk], do_sample=False,
                            max_new_tokens=max(t for *_, t in chunk), pad_token_id=tokenizer.pad_token_id)
         tokens += sum(t for *_, t in chunk)
