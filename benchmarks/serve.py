@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "My favourite colour is",
            "The best way to learn is", "In 1969, the first", "Water boils at", "A good breakfast has"]
 MIXES = ("distinct", "uniform", "skewed", "identical")
+MODES = ("mixed", "one adapter per step", "hf peft static")
 
 
 def make_adapters(folder: Path, count: int) -> None:
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="the contenders (default all; the ratios need mixed and the peer they divide by)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds; each figure is the rounds' median")
     parser.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
                         help="every contender's dtype (auto: bfloat16 where the CPU multiplies it natively, else float32)")
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"dtype: {dtype_name} (asked: {args.dtype})", flush=True)
     results: dict = {"setup": {**vars(args), "dtype_used": dtype_name}}
-    modes = ("mixed", "one adapter per step", "hf peft static")
+    modes = tuple(m for m in MODES if m in args.modes)
     rounds: dict[str, list[dict]] = {f"{mode} / {mix}": [] for mode in modes for mix in args.mixes}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -188,13 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
         servers = {}
         try:
             for mode, extra in (("mixed", ()), ("one adapter per step", ("--no-mixed",))):
+                if mode not in modes:
+                    continue
                 servers[mode] = start_server(folder, *extra, "--dtype", dtype_name, "--max-batch", str(args.batch),
                                              "--queue-size", "1024", "--max-resident", str(args.adapters + 2),
                                              "--max-tokens", "32", pinned=())
-            model, tokenizer = hf_model(folder, args.adapters, dtype)
             contenders = {mode: (lambda jobs, url=url: asyncio.run(_drive(url, jobs)))
                           for mode, (_, url) in servers.items()}
-            contenders["hf peft static"] = lambda jobs: hf_static(model, tokenizer, jobs, args.batch)
+            if "hf peft static" in modes:
+                model, tokenizer = hf_model(folder, args.adapters, dtype)
+                contenders["hf peft static"] = lambda jobs: hf_static(model, tokenizer, jobs, args.batch)
             for run in contenders.values():  # loads every adapter, then one unmeasured pass at the measured size
                 run(workload("distinct", args.adapters, args.adapters))
                 run(workload("distinct", args.adapters, args.requests, seed=1))
@@ -210,13 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
             for process, _ in servers.values():
                 stop_server(process)
     results.update({key: median_run(runs) for key, runs in rounds.items()})
-    ratios = {mix: {"mixed/hf_static": results[f"mixed / {mix}"]["tokens_per_s"] /
-                    results[f"hf peft static / {mix}"]["tokens_per_s"],
-                    "mixed/one_per_step": results[f"mixed / {mix}"]["tokens_per_s"] /
-                    results[f"one adapter per step / {mix}"]["tokens_per_s"],
-                    "mixed/mixed_identical": results[f"mixed / {mix}"]["tokens_per_s"] /
-                    results["mixed / identical"]["tokens_per_s"] if "identical" in args.mixes else None}
-              for mix in args.mixes}
+    peers = {"mixed/hf_static": "hf peft static", "mixed/one_per_step": "one adapter per step",
+             "mixed/mixed_identical": "mixed"}
+    ratios = {}
+    for mix in args.mixes:
+        ratios[mix] = {}
+        for name, peer in peers.items():
+            against = f"{peer} / {'identical' if peer == 'mixed' else mix}"
+            if "mixed" in modes and against in results:
+                ratios[mix][name] = results[f"mixed / {mix}"]["tokens_per_s"] / results[against]["tokens_per_s"]
+            else:
+                ratios[mix][name] = None
     results["ratios"] = ratios
     print(f"\n{'run':<34} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7}")
     for key, r in results.items():

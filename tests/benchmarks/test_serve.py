@@ -47,3 +47,14 @@ def test_every_contender_runs_and_the_ratios_are_its_own(serve_bench, tmp_path):
     assert ratio["mixed/mixed_identical"] == pytest.approx(
         streamed["tokens_per_s"] / results["mixed / identical"]["tokens_per_s"])
     assert (tmp_path / "r.json").is_file()
+
+
+def test_modes_picks_the_contenders_and_ratios_without_their_peer_are_none(serve_bench):
+    """``--modes`` runs only the named contenders; a ratio whose peer did not run is None, not made up."""
+    results = serve_bench.main(["--adapters", "2", "--requests", "2", "--batch", "2", "--mixes", "distinct",
+                                "--rounds", "1", "--dtype", "float32", "--modes", "mixed", "hf peft static"])
+    assert "one adapter per step / distinct" not in results
+    ratio = results["ratios"]["distinct"]
+    assert ratio["mixed/one_per_step"] is None and ratio["mixed/mixed_identical"] is None
+    assert ratio["mixed/hf_static"] == pytest.approx(
+        results["mixed / distinct"]["tokens_per_s"] / results["hf peft static / distinct"]["tokens_per_s"])
