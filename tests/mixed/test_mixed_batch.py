@@ -237,6 +237,30 @@ def test_stacks_are_reused_until_the_adapters_change(tiny, randomize):
     assert got.dtype == torch.float64 and (got - expected).abs().max() <= 1e-10
 
 
+def test_reentering_a_block_reuses_its_rows_and_follows_weight_changes(tiny, randomize):
+    """A server's decoding steps re-enter one block while the rows stay the same: the second entry gathers nothing
+    again (the same plans) and gives the same outputs; a weight changed in place between two entries is seen."""
+    peft = adapted(tiny, randomize, "llama", {"a": "lora", "b": "lora"})
+    ids = tiny.batch("llama", size=3)["input_ids"]
+    names = ["b", "a", None]
+    handle = peft.mixed_batch(names)
+    with handle:
+        first = hidden(peft.model, ids)
+    plans = dict(handle._plans)
+    assert plans
+    with handle:
+        again = hidden(peft.model, ids)
+    assert torch.equal(again, first)
+    assert all(handle._plans[module] is plan for module, plan in plans.items())
+
+    randomize(peft, "a", seed=9)  # trained further or hot-swapped between two steps
+    with handle:
+        got = hidden(peft.model, ids)
+    assert (got - per_row(peft, ids, names)).abs().max() <= TOL
+    assert (got[1] - first[1]).abs().max() > 1e-4 and (got[0] - first[0]).abs().max() <= TOL
+    assert all(handle._plans[module] is not plan for module, plan in plans.items())  # every site holds 'a'
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda(tiny, randomize):
     model = tiny.model("llama")
