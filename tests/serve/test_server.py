@@ -174,8 +174,11 @@ def test_metrics_are_prometheus_text(server):
     text = httpx.get(f"{server}/metrics").text
     for name in ("unipeft_requests_total", "unipeft_generation_tokens_total", "unipeft_queue_depth",
                  "unipeft_batch_size_bucket", "unipeft_adapters_loaded", "unipeft_time_to_first_token_seconds_bucket",
-                 "unipeft_time_per_output_token_seconds_bucket"):
+                 "unipeft_time_per_output_token_seconds_bucket", "unipeft_prefill_size_bucket"):
         assert name in text, name
+    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("unipeft_prefill_size_count", "unipeft_batch_size_count"))}
+    assert counts["unipeft_prefill_size_count"] >= 1 and counts["unipeft_batch_size_count"] >= 1, counts
 
 
 def test_health_names_the_device_and_dtype(server):

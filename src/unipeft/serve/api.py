@@ -104,6 +104,8 @@ class Metrics:
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.step_rows = Histogram("unipeft_batch_size", "rows decoded together in one step",
                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.prefill_rows = Histogram("unipeft_prefill_size", "requests prefilled together in one forward",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("unipeft_queue_depth", "requests waiting to join the batch",
               registry=r).set_function(lambda: engine.queue_depth)
         Gauge("unipeft_running", "sequences in the running batch", registry=r).set_function(lambda: engine.batch_size)
@@ -119,6 +121,7 @@ def create_app(engine: Engine, tokenizer: Any, *, base_name: str, max_tokens: in
     metrics = Metrics(engine)
     dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     engine.on_step = lambda rows: metrics.step_rows.observe(rows)
+    engine.on_prefill = lambda rows: metrics.prefill_rows.observe(rows)
     eos = tuple(t for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)} if t is not None) \
         if getattr(tokenizer, "eos_token_id", None) is not None else ()
 

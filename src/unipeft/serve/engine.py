@@ -5,7 +5,8 @@ together, in one left-padded forward of up to ``prefill_tokens`` prompt tokens, 
 fresh KV cache, which is then left-padded into the batch's cache) and finished or cancelled ones leave it (their rows
 are dropped and the columns that only padding holds are cut). Every decoding step is one forward of the whole batch,
 every row with its own adapter, through the public mixed-batch API (``peft.mixed_batch(names)``, Punica's BGMV
-gather). How rows of different lengths share a step: **left padding with per-row positions** — the batch cache is
+gather), one block re-entered step after step while the rows stay the same, so the rows' factors are gathered when
+the batch changes, not at every step. How rows of different lengths share a step: **left padding with per-row positions** — the batch cache is
 (B, H, T, d) with a 0/1 mask over its T columns, and row b's new token gets position ``len_b`` (its own count of real
 tokens), so each row computes what it would alone. We chose this over a ragged token layout (Punica's SGMV) because
 transformers' attention takes a padded cache and a 2-D mask as they are, and over transformers 5's own continuous
@@ -82,14 +83,15 @@ class Engine:
 
     def __init__(self, registry: AdapterRegistry, *, max_batch: int, queue_size: int, max_context: int,
                  mixed: bool = True, on_step: Callable[[int], None] | None = None,
-                 prefill_tokens: int = 4096) -> None:
+                 on_prefill: Callable[[int], None] | None = None, prefill_tokens: int = 4096) -> None:
         self.registry = registry
         self.peft = registry.peft
         self.model = registry.peft.model
         self.max_batch = max_batch
         self.max_context = max_context
         self.mixed = mixed
-        self.on_step = on_step
+        self.on_step = on_step  # called with the rows of each decoding step
+        self.on_prefill = on_prefill  # called with the rows of each prefill forward
         self.device = next(self.model.parameters()).device
         self.prefill_tokens = prefill_tokens
         # the prefill needs the logits of each prompt's last position only: (B, T, V) logits are most of its memory
@@ -102,6 +104,7 @@ class Engine:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None
+        self._batch: Any = None  # the decoding steps' mixed batch, re-entered while the rows stay the same
         self._stop = threading.Event()
         self.draining = False
         self._wake = threading.Event()
@@ -178,7 +181,7 @@ class Engine:
                     for row in self._rows:
                         row.req.emit(("error", AdapterError("internal error in the decoding step", 500, None)))
                         self.registry.release(row.req.adapter)
-                    self._rows, self._keys, self._values, self._mask = [], [], [], None
+                    self._rows, self._keys, self._values, self._mask, self._batch = [], [], [], None, None
 
     def _run_commands(self) -> None:
         while True:
@@ -238,6 +241,8 @@ class Engine:
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         self._join(rows, keys, values, mask)
+        if self.on_prefill is not None:
+            self.on_prefill(len(rows))
         for j, row in enumerate(rows):
             self._accept(row, self._sample(row, logits[j]))
 
@@ -267,7 +272,10 @@ class Engine:
         last = torch.tensor([[self._rows[i].last] for i in rows], device=self.device)
         positions = torch.tensor([[self._rows[i].length] for i in rows], device=self.device)
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=self.device)], dim=1)
-        with self.peft.mixed_batch([self._rows[i].req.adapter for i in rows]):
+        names = [self._rows[i].req.adapter for i in rows]
+        if self._batch is None or self._batch.names != names:  # rows joined or left: gather the stacks anew
+            self._batch = self.peft.mixed_batch(names)
+        with self._batch:
             logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                 use_cache=True).logits[:, -1]
         new_keys = [layer.keys for layer in cache.layers]
@@ -318,6 +326,7 @@ class Engine:
         for i, r in enumerate(self._rows):
             if i not in keep:
                 self.registry.release(r.req.adapter)
+        self._batch = None
         if not keep:
             self._rows, self._keys, self._values, self._mask = [], [], [], None
             return
